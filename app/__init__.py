@@ -1,0 +1,1 @@
+"""The diffcam application: CLI, HTTP server, WebRTC peers, sinks (built on ``engine``)."""

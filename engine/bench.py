@@ -1,0 +1,237 @@
+"""Engine benchmark: ``python -m engine.bench --preset small --t-index-list 0,16,32,45 --frames 40 --json out.json``.
+
+Runs the same moving synthetic frames through five ways of doing img2img, in one process,
+interleaved in short rounds so machine drift hits them all alike (frames/s = all frames / all time):
+
+- ``stream``: our stream batch (:class:`engine.stream.StreamDiffusion`), frames out per second;
+- ``floor``: the bare model work for the same frames (VAE encode + one batched UNet call + VAE
+  decode per frame), the physical floor of this machine;
+- ``sequential``: the same denoising one frame at a time, one UNet call per step;
+- ``diffusers``: ``StableDiffusionImg2ImgPipeline`` per frame, same UNet weights and steps, with the
+  model's own full VAE: what a user would otherwise write;
+- ``diffusers_same_vae``: that pipeline given our (tiny) VAE, to separate the VAE's share of the gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.components import Components
+from engine.quiet import quiet_libraries
+from engine.config import StreamConfig, parse_t_index_list
+from engine.models import ModelSpec, load_components
+from engine.presets import PRESETS
+from engine.schedule import step_schedule
+from engine.stream import StreamDiffusion
+from engine.synthetic import moving_frames
+from engine.vae import decode_latents, encode_latents
+
+PROMPT = "a watercolor painting of a city street"
+Method = Callable[[list[np.ndarray]], int]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="model preset (tiny, small) or any --model spec")
+    parser.add_argument("--t-index-list", default="0,16,32,45", help="denoising steps out of 50")
+    parser.add_argument("--frames", type=int, default=40, help="frames timed per method")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds the frames are split into")
+    parser.add_argument("--size", type=int, default=None, help="square frame size (default: the preset's)")
+    parser.add_argument("--cfg-type", default="none", choices=["none", "full", "self", "initialize"])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers baselines")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+class Bench:
+    """Holds the models and the frames; builds each method as a callable over a list of frames."""
+
+    def __init__(self, components: Components, full_vae: torch.nn.Module | None, config: StreamConfig) -> None:
+        self.components, self.full_vae, self.config = components, full_vae, config
+        self.device, self.dtype = components.device, components.dtype
+        self.schedule = step_schedule(components.scheduler, config.t_index_list, config.num_inference_steps)
+        self.cond = StreamDiffusion(components, config).prompts.encode(PROMPT).to(self.dtype)
+
+    def methods(self, with_diffusers: bool) -> dict[str, Method]:
+        methods: dict[str, Method] = {"stream": self.stream, "floor": self.floor, "sequential": self.sequential}
+        if with_diffusers and self.full_vae is not None:
+            methods["diffusers"] = self._diffusers(self.full_vae)
+        if with_diffusers:
+            methods["diffusers_same_vae"] = self._diffusers(self.components.vae)
+        return methods
+
+    def stream(self, frames: list[np.ndarray]) -> int:
+        stream = StreamDiffusion(self.components, self.config)
+        for frame in frames[: stream.steps - 1]:  # fill the pipeline first, untimed
+            stream(frame)
+        started = time.perf_counter()
+        outputs = [stream(frame) for frame in frames]
+        self.last_elapsed = time.perf_counter() - started
+        return sum(output is not None for output in outputs)
+
+    @torch.inference_mode()
+    def floor(self, frames: list[np.ndarray]) -> int:
+        """Only the model calls a stream frame costs, on inputs prepared beforehand."""
+        images = [self._to_model_input(frame) for frame in frames]
+        rows = len(self.schedule)
+        latent_h, latent_w = self.config.latent_size
+        in_flight = torch.randn(rows - 1, 4, latent_h, latent_w, device=self.device, dtype=self.dtype)
+        timesteps = self.schedule.timesteps.to(self.device)
+        embeds = self.cond.expand(rows, -1, -1)
+        unet, vae = self.components.unet, self.components.vae
+        started = time.perf_counter()
+        for image in images:
+            latents = encode_latents(vae, image)
+            batch = torch.cat([latents, in_flight])
+            finished = unet(batch, timesteps, encoder_hidden_states=embeds).sample[-1:]
+            decode_latents(vae, finished)
+        self.last_elapsed = time.perf_counter() - started
+        return len(images)
+
+    @torch.inference_mode()
+    def sequential(self, frames: list[np.ndarray]) -> int:
+        """Each frame denoised alone, one UNet call per step, same math and fixed noise as the stream."""
+        s = self.schedule
+        coef = {k: getattr(s, k).float().to(self.device) for k in ("alpha", "beta", "c_skip", "c_out")}
+        latent_h, latent_w = self.config.latent_size
+        noise = torch.randn(len(s), 1, 4, latent_h, latent_w, generator=torch.Generator().manual_seed(0))
+        noise = noise.to(self.device)
+        unet, vae = self.components.unet, self.components.vae
+        started = time.perf_counter()
+        for frame in frames:
+            image = self._to_model_input(frame)
+            x = coef["alpha"][0] * encode_latents(vae, image).float() + coef["beta"][0] * noise[0]
+            for i, t in enumerate(s.timesteps.tolist()):
+                eps = unet(x.to(self.dtype), t, encoder_hidden_states=self.cond).sample.float()
+                x0 = coef["c_out"][i] * (x - coef["beta"][i] * eps) / coef["alpha"][i] + coef["c_skip"][i] * x
+                if i + 1 < len(s):
+                    x = coef["alpha"][i + 1] * x0 + coef["beta"][i + 1] * noise[i + 1]
+            decoded = decode_latents(vae, x0.to(self.dtype))
+            decoded.add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        self.last_elapsed = time.perf_counter() - started
+        return len(frames)
+
+    def _diffusers(self, vae: torch.nn.Module) -> Method:
+        from diffusers import StableDiffusionImg2ImgPipeline
+        from PIL import Image
+
+        c = self.components
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        timesteps = self.schedule.timesteps.tolist()
+        generator = torch.Generator(self.device).manual_seed(0)
+
+        def run(frames: list[np.ndarray]) -> int:
+            images = [Image.fromarray(frame) for frame in frames]
+            started = time.perf_counter()
+            for image in images:
+                pipe(PROMPT, image=image, timesteps=timesteps, strength=1.0, guidance_scale=1.0,
+                     output_type="np", generator=generator)
+            self.last_elapsed = time.perf_counter() - started
+            return len(images)
+
+        return run
+
+    def _to_model_input(self, frame: np.ndarray) -> torch.Tensor:
+        image = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return image.to(self.dtype)
+
+
+def run_methods(bench: Bench, methods: dict[str, Method], frames: list[np.ndarray], rounds: int) -> dict[str, dict]:
+    """Time every method on ``frames`` split into ``rounds`` chunks, interleaved and in rotating order.
+
+    This machine's speed drifts by ±15% over tens of seconds; short interleaved chunks make
+    every method see the same drift, so the ratios hold even when the absolute numbers move.
+    """
+    for method in methods.values():  # one untimed pass each: allocator, kernels, caches
+        method(frames[:3])
+    chunks = [list(chunk) for chunk in np.array_split(np.arange(len(frames)), rounds) if len(chunk)]
+    names = list(methods)
+    produced = {name: 0 for name in names}
+    elapsed = {name: 0.0 for name in names}
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for index, chunk in enumerate(chunks):
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            count = methods[name]([frames[i] for i in chunk])
+            produced[name] += count
+            elapsed[name] += bench.last_elapsed
+            per_round[name].append(count / bench.last_elapsed)
+        line = "  ".join(f"{name} {per_round[name][-1]:.2f}" for name in names)
+        print(f"  round {index + 1}/{len(chunks)}: {line} frames/s", file=sys.stderr)
+    return {name: {"fps": produced[name] / elapsed[name], "rounds": per_round[name]} for name in names}
+
+
+def summarize(results: dict[str, dict], args: argparse.Namespace, config: StreamConfig, device: torch.device) -> dict:
+    summary: dict = {f"{name}_fps": r["fps"] for name, r in results.items()}
+    stream = summary["stream_fps"]
+    for name in results:
+        if name != "stream":
+            summary[f"stream_over_{name}"] = stream / summary[f"{name}_fps"]
+    summary["rounds"] = {name: r["rounds"] for name, r in results.items()}
+    summary["config"] = {**asdict(config), "preset": args.preset, "frames": args.frames, "rounds": args.rounds}
+    summary["environment"] = {
+        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    names = [key[: -len("_fps")] for key in summary if key.endswith("_fps")]
+    print(f"\n{'method':<20} {'frames/s':>9} {'stream ÷ it':>12}")
+    print("-" * 43)
+    for name in names:
+        ratio = "" if name == "stream" else f"{summary[f'stream_over_{name}']:.2f}"
+        print(f"{name:<20} {summary[f'{name}_fps']:>9.2f} {ratio:>12}")
+    env, config = summary["environment"], summary["config"]
+    print(f"\n{config['preset']} {config['width']}x{config['height']} t_index_list={config['t_index_list']} "
+          f"cfg={config['cfg_type']} | torch {env['torch']} on {env['device']}, {env['threads']} threads")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or (PRESETS[args.preset].default_size if args.preset in PRESETS else 512)
+    config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=size, height=size,
+                          cfg_type=args.cfg_type, guidance_scale=1.0, prompt=PROMPT, seed=0)
+    components = load_components(ModelSpec(model=args.preset, device=args.device))
+    full_vae = None
+    if not args.skip_diffusers and (args.preset not in PRESETS or PRESETS[args.preset].kl_channels):
+        full_vae = load_components(ModelSpec(model=args.preset, vae="full", device=args.device)).vae
+    bench = Bench(components, full_vae, config)
+    frames = moving_frames(args.frames, size, size)
+    print(f"benchmarking {args.preset} at {size}x{size}, {args.frames} frames x {args.rounds} rounds", file=sys.stderr)
+    results = run_methods(bench, bench.methods(not args.skip_diffusers), frames, args.rounds)
+    summary = summarize(results, args, config, components.device)
+    print_table(summary)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Stream configuration: one frozen dataclass, validated once, with messages that say what to do.
+
+The shape-defining fields (``t_index_list`` length, ``frame_buffer_size``, ``width``, ``height``,
+``cfg_type``) are fixed for the life of a stream; everything else can change on the fly
+through :meth:`engine.stream.StreamDiffusion.update`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, Sequence, Union
+
+CfgType = Literal["none", "full", "self", "initialize"]
+Mode = Literal["img2img", "txt2img"]
+#: A prompt, or a blend of ``(prompt, weight)`` pairs (see :func:`engine.prompts.blend_embeddings`).
+Prompt = Union[str, tuple[tuple[str, float], ...]]
+
+CFG_TYPES: tuple[str, ...] = ("none", "full", "self", "initialize")
+MODES: tuple[str, ...] = ("img2img", "txt2img")
+
+#: Fields that change the UNet batch or the latent shape; changing them means a new stream.
+SHAPE_FIELDS: frozenset[str] = frozenset(
+    {"frame_buffer_size", "width", "height", "cfg_type", "mode", "num_inference_steps"}
+)
+
+MAX_SEED = 2**63 - 1
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_FRAME_BUFFER = 16
+MAX_GUIDANCE = 30.0
+MAX_DELTA = 10.0
+MAX_SKIP_FRAMES = 1000
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How one stream denoises. Defaults reproduce StreamDiffusion's sd-turbo img2img set-up."""
+
+    t_index_list: tuple[int, ...] = (32, 45)
+    num_inference_steps: int = 50
+    frame_buffer_size: int = 1
+    width: int = 512
+    height: int = 512
+    mode: Mode = "img2img"
+    cfg_type: CfgType = "self"
+    guidance_scale: float = 1.0
+    delta: float = 1.0
+    seed: int = 2
+    do_add_noise: bool = True
+    prompt: Prompt = ""
+    negative_prompt: str = ""
+    similarity_filter: bool = False
+    similarity_threshold: float = 0.98
+    max_skip_frames: int = 10
+
+    def __post_init__(self) -> None:
+        # Accept any sequence for t_index_list (lists from JSON, numpy ints) but store a tuple.
+        object.__setattr__(self, "t_index_list", tuple(int(i) for i in self.t_index_list))
+        object.__setattr__(self, "prompt", _normalize_prompt(self.prompt))
+        validate(self)
+
+    @property
+    def denoising_steps(self) -> int:
+        """``n``: how many denoising steps each frame goes through."""
+        return len(self.t_index_list)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the latent (the VAE downsamples by 8)."""
+        return self.height // 8, self.width // 8
+
+    def with_updates(self, **changes: Any) -> "StreamConfig":
+        """A validated copy with ``changes`` applied; unknown names raise ``ValueError``."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown stream parameter(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **changes)
+
+
+def validate(config: StreamConfig) -> None:
+    """Raise ``ValueError`` naming the field, the value and what is allowed."""
+    _check_int_range("num_inference_steps", config.num_inference_steps, 1, 1000)
+    _check_t_index_list(config.t_index_list, config.num_inference_steps)
+    _check_int_range("frame_buffer_size", config.frame_buffer_size, 1, MAX_FRAME_BUFFER)
+    for name in ("width", "height"):
+        value = getattr(config, name)
+        _check_int_range(name, value, MIN_SIZE, MAX_SIZE)
+        if value % 8:
+            raise ValueError(f"{name}={value} must be a multiple of 8 (the VAE downsamples by 8)")
+    _check_choice("mode", config.mode, MODES)
+    _check_choice("cfg_type", config.cfg_type, CFG_TYPES)
+    _check_float_range("guidance_scale", config.guidance_scale, 0.0, MAX_GUIDANCE)
+    _check_float_range("delta", config.delta, 0.0, MAX_DELTA)
+    _check_int_range("seed", config.seed, 0, MAX_SEED)
+    _check_float_range("similarity_threshold", config.similarity_threshold, 0.0, 1.0)
+    _check_int_range("max_skip_frames", config.max_skip_frames, 0, MAX_SKIP_FRAMES)
+    if not isinstance(config.negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a string, got {type(config.negative_prompt).__name__}")
+
+
+def strength_to_t_index_list(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:
+    """Map a user-facing ``strength`` in [0, 1] to ``steps`` ascending indices into the schedule.
+
+    The first index is ``round((1 - strength) * (N - steps))`` with ``N = num_inference_steps``;
+    the rest are spread evenly from there to the end of the schedule. So ``strength = 1`` starts
+    at the noisiest timestep (full re-imagination: ``0, 12, 25, 38`` for 4 of 50) and
+    ``strength = 0`` uses the last, least noisy ones (``46, 47, 48, 49``: the input, lightly
+    touched). Indices are always strictly increasing and inside ``[0, N)``.
+    """
+    _check_float_range("strength", strength, 0.0, 1.0)
+    _check_int_range("steps", steps, 1, num_inference_steps)
+    first = round((1.0 - strength) * (num_inference_steps - steps))
+    span = num_inference_steps - first
+    return tuple(first + round(k * span / steps) for k in range(steps))
+
+
+def parse_t_index_list(text: str) -> tuple[int, ...]:
+    """Parse ``"0,16,32,45"`` (the CLI form) into a tuple, with a clear error."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"t_index_list={text!r} must be comma-separated integers, e.g. 0,16,32,45") from None
+
+
+def _normalize_prompt(prompt: Any) -> Prompt:
+    """A string stays; a sequence of ``(prompt, weight)`` pairs becomes a checked tuple."""
+    if isinstance(prompt, str):
+        return prompt
+    try:
+        pairs = tuple((text, float(weight)) for text, weight in prompt)
+    except (TypeError, ValueError):
+        raise ValueError(f"prompt={prompt!r} must be a string or a list of (prompt, weight) pairs") from None
+    if not pairs or any(not isinstance(text, str) for text, _ in pairs):
+        raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of (str, weight) pairs")
+    weights = [w for _, w in pairs]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"prompt weights {weights} must be finite, >= 0, and not all 0")
+    return pairs
+
+
+def _check_t_index_list(indices: Sequence[int], num_inference_steps: int) -> None:
+    if not indices:
+        raise ValueError("t_index_list is empty; give at least one index, e.g. (32, 45)")
+    bad = [i for i in indices if not 0 <= i < num_inference_steps]
+    if bad:
+        raise ValueError(
+            f"t_index_list={tuple(indices)} has {bad} outside [0, {num_inference_steps - 1}] "
+            f"(num_inference_steps={num_inference_steps})"
+        )
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        raise ValueError(f"t_index_list={tuple(indices)} must be strictly increasing (noisy to clean)")
+
+
+def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high}]")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range; allowed: [{low}, {high}]")
+
+
+def _check_float_range(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number in [{low}, {high}]")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range; allowed: [{low}, {high}]")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+__all__ = [
+    "CFG_TYPES",
+    "MODES",
+    "SHAPE_FIELDS",
+    "CfgType",
+    "Mode",
+    "Prompt",
+    "StreamConfig",
+    "parse_t_index_list",
+    "strength_to_t_index_list",
+    "validate",
+]

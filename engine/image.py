@@ -1,0 +1,82 @@
+"""Frames in and out of the model: any size in, the configured size out.
+
+Accepted frames: ``uint8`` numpy arrays ``H×W×3`` (RGB), or torch tensors ``3×H×W`` /
+``1×3×H×W`` (float in [0, 1], or uint8). Size policy: centre-crop to the target aspect ratio,
+then resize to exactly ``width×height`` (bilinear, antialiased when shrinking). Outputs come
+back in the kind that came in: a uint8 ``H×W×3`` array for an array, a float ``3×H×W`` tensor
+in [0, 1] for a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Frame = Union[np.ndarray, torch.Tensor]
+FrameKind = Literal["np", "pt"]
+
+
+def frame_kind(frame: Frame) -> FrameKind:
+    if isinstance(frame, np.ndarray):
+        return "np"
+    if isinstance(frame, torch.Tensor):
+        return "pt"
+    raise ValueError(f"a frame must be a numpy array or a torch tensor, got {type(frame).__name__}")
+
+
+def to_unit_chw(frame: Frame, device: torch.device) -> torch.Tensor:
+    """One frame as a float32 ``3×H×W`` tensor in [0, 1] on ``device``."""
+    if frame_kind(frame) == "np":
+        array = np.asarray(frame)
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise ValueError(f"a numpy frame must be uint8 H×W×3 RGB, got {array.dtype} {array.shape}")
+        _check_size(array.shape[0], array.shape[1])
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(2, 0, 1)
+        return tensor.float().div_(255.0)
+    tensor = frame.squeeze(0) if frame.ndim == 4 and frame.shape[0] == 1 else frame
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"a tensor frame must be 3×H×W or 1×3×H×W, got {tuple(frame.shape)}")
+    _check_size(tensor.shape[1], tensor.shape[2])
+    if tensor.dtype == torch.uint8:
+        return tensor.to(device).float().div_(255.0)
+    if not tensor.is_floating_point():
+        raise ValueError(f"a tensor frame must be float in [0, 1] or uint8, got {tensor.dtype}")
+    return tensor.to(device=device, dtype=torch.float32)
+
+
+def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Centre-crop ``3×H×W`` to the aspect ratio of ``height×width``, then resize to it."""
+    _, h, w = image.shape
+    crop_h, crop_w = (h, round(h * width / height)) if w * height > h * width else (round(w * height / width), w)
+    crop_h, crop_w = max(1, min(crop_h, h)), max(1, min(crop_w, w))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    image = image[:, top:top + crop_h, left:left + crop_w]
+    if (crop_h, crop_w) == (height, width):
+        return image
+    shrinking = crop_h > height or crop_w > width
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=shrinking)[0]
+
+
+def preprocess(frames: list[Frame], height: int, width: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Frames → one ``f×3×height×width`` batch in [-1, 1], the VAE's input range."""
+    batch = torch.stack([fit(to_unit_chw(frame, device), height, width) for frame in frames])
+    return batch.mul_(2.0).sub_(1.0).to(dtype)
+
+
+def postprocess(images: torch.Tensor, kind: FrameKind) -> list[Frame]:
+    """A decoded ``f×3×H×W`` batch in [-1, 1] → frames of ``kind``."""
+    unit = images.float().add(1.0).div_(2.0).clamp_(0.0, 1.0)
+    if kind == "pt":
+        return list(unit.unbind(0))
+    as_uint8 = unit.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return list(as_uint8)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"a frame must have at least one pixel, got {height}×{width}")

@@ -1,0 +1,214 @@
+"""Load a model by hub id, local diffusers folder, single ``.safetensors`` file, or preset name.
+
+Everything is read as safetensors. Hub models resolve through the local Hugging Face cache
+first; when a model is not there and the hub cannot be reached (or ``HF_HUB_OFFLINE=1``),
+loading fails fast with :class:`ModelUnavailableError`, whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.components import Components
+from engine.presets import build_preset, is_preset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_TAESD = "madebyollin/taesd"
+DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+
+# What a diffusers pipeline folder needs, as safetensors, without the safety checker and
+# without the fp16/EMA/single-file duplicates some repositories also carry.
+_PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                   "*/model.safetensors"]
+_WEIGHT_FILES = ["*.json", "*.safetensors"]
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model could not be found locally or fetched; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how.
+
+    ``model``: a hub id, a local diffusers folder, a ``.safetensors`` file, or a preset (``tiny``,
+    ``small``). ``vae``: ``tiny`` (TAESD, the fast default), ``full`` (the model's own VAE), or a hub
+    id / folder of an ``AutoencoderTiny``. ``lcm_lora``: ``auto`` fuses LCM-LoRA into SD 1.x models
+    that are not already few-step (turbo/LCM), ``none`` never does, anything else is the LoRA to fuse.
+    """
+
+    model: str = DEFAULT_MODEL
+    vae: str = "tiny"
+    lcm_lora: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} asked for, but this torch build sees no CUDA GPU")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype is None:
+            return torch.float16 if device.type == "cuda" else torch.float32
+        dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if self.dtype not in dtypes:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(dtypes)}")
+        return dtypes[self.dtype]
+
+
+def load_components(spec: ModelSpec = ModelSpec()) -> Components:
+    """Load everything a stream needs, on the spec's device and dtype."""
+    device = spec.resolved_device()
+    dtype = spec.resolved_dtype(device)
+    if is_preset(spec.model):
+        return build_preset(spec.model, vae=spec.vae, device=device, dtype=dtype)
+    pipe = _load_pipeline(spec, dtype)
+    _maybe_fuse_lcm_lora(pipe, spec)
+    vae = pipe.vae if spec.vae == "full" else _load_taesd(spec, dtype)
+    components = _components_from_pipeline(pipe, vae, spec.model, device, dtype)
+    log.info("loaded %s (%s) on %s as %s", spec.model, components.family, device, dtype)
+    return components
+
+
+def _load_pipeline(spec: ModelSpec, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(spec.model).expanduser()
+    options = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if path.is_file():
+        return _load_single_file(path, spec, options)
+    if path.is_dir():
+        return StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, **options)
+    if _looks_like_path(spec.model):
+        raise ModelUnavailableError(f"model path {spec.model!r} does not exist")
+    folder = resolve_hub_snapshot(spec.model, _PIPELINE_FILES, spec.cache_dir)
+    return StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, **options)
+
+
+def _load_single_file(path: Path, spec: ModelSpec, options: dict):
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix != ".safetensors":
+        raise ModelUnavailableError(
+            f"model file {str(path)!r} is not a .safetensors file; diffcam loads only safetensors "
+            "(pickled .ckpt/.bin files can run code when loaded)"
+        )
+    try:
+        # The single-file loader fetches the matching diffusers config from the hub unless cached.
+        return StableDiffusionPipeline.from_single_file(
+            str(path), local_files_only=hub_offline(), cache_dir=spec.cache_dir, **options
+        )
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(
+            f"could not load {str(path)!r} as a single-file SD 1.x/2.x checkpoint: {_first_line(error)}. "
+            "It needs the model's diffusers config from the hub once (run where there is network), "
+            "or convert it to a diffusers folder and pass that folder."
+        ) from error
+
+
+def _load_taesd(spec: ModelSpec, dtype: torch.dtype):
+    from diffusers import AutoencoderTiny
+
+    source = DEFAULT_TAESD if spec.vae == "tiny" else spec.vae
+    folder = source if Path(source).expanduser().is_dir() else resolve_hub_snapshot(
+        source, _WEIGHT_FILES, spec.cache_dir)
+    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+
+
+def _maybe_fuse_lcm_lora(pipe, spec: ModelSpec) -> None:
+    lora = spec.lcm_lora
+    if lora == "none" or (lora == "auto" and not needs_lcm_lora(pipe, spec.model)):
+        return
+    source = DEFAULT_LCM_LORA if lora == "auto" else lora
+    folder = source if Path(source).expanduser().exists() else resolve_hub_snapshot(
+        source, _WEIGHT_FILES, spec.cache_dir)
+    pipe.load_lora_weights(folder, adapter_name="lcm")
+    pipe.fuse_lora()
+    log.info("fused LCM-LoRA %s into %s", source, spec.model)
+
+
+def needs_lcm_lora(pipe, name: str) -> bool:
+    """SD 1.x models need LCM-LoRA for few-step sampling unless already turbo/LCM-distilled."""
+    is_sd1 = int(pipe.text_encoder.config.hidden_size) == 768
+    distilled = pipe.unet.config.get("time_cond_proj_dim") is not None
+    named_fast = any(tag in name.lower() for tag in ("turbo", "lcm", "lightning", "hyper"))
+    return is_sd1 and not distilled and not named_fast
+
+
+def _components_from_pipeline(pipe, vae, name: str, device: torch.device, dtype: torch.dtype) -> Components:
+    from diffusers import LCMScheduler
+
+    for module in (pipe.unet, vae, pipe.text_encoder):
+        module.to(device=device, dtype=dtype)
+    return Components(
+        name=name,
+        unet=pipe.unet,
+        vae=vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=LCMScheduler.from_config(pipe.scheduler.config),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set now (huggingface_hub only reads it at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag in {"1", "true", "yes", "on"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_hub_snapshot(repo_id: str, patterns: list[str], cache_dir: str | None = None) -> str:
+    """A local folder holding ``repo_id``'s files: from the cache, else downloaded, else a clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any cache miss means "try the hub"
+        pass
+    if hub_offline():
+        raise ModelUnavailableError(_unavailable_message(repo_id, "HF_HUB_OFFLINE is set"))
+    log.info("downloading %s from the Hugging Face hub", repo_id)
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise ModelUnavailableError(
+            f"model {repo_id!r} was not found on the Hugging Face hub or needs a login "
+            f"({_first_line(error)}); check the id, run `hf auth login`, or pass a local path"
+        ) from error
+    except Exception as error:  # noqa: BLE001 - network failures come in many types
+        raise ModelUnavailableError(_unavailable_message(repo_id, _first_line(error))) from error
+
+
+def _unavailable_message(repo_id: str, reason: str) -> str:
+    return (
+        f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+        f"({reason}). Fix: on a machine with network run `hf download {repo_id}` (and copy the cache), "
+        f"or pass a local diffusers folder or .safetensors file with --model PATH; "
+        f"for an offline test model use --model tiny."
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".safetensors") or name.count("/") > 1 or "\\" in name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

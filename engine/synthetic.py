@@ -1,0 +1,24 @@
+"""Synthetic moving pictures for benchmarks, demos and tests: no camera, no files needed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def moving_frame(index: int, height: int, width: int) -> np.ndarray:
+    """Frame ``index`` of a smooth colour field with a bright disc orbiting the centre (uint8 RGB)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = index * 0.15
+    red = 0.5 + 0.5 * np.sin(xs / width * 6.28 + phase)
+    green = 0.5 + 0.5 * np.sin(ys / height * 6.28 - phase * 0.7)
+    blue = 0.5 + 0.5 * np.cos((xs + ys) / (width + height) * 6.28 + phase * 0.5)
+    picture = np.stack([red, green, blue], axis=-1)
+    cy = height / 2 + height / 4 * np.sin(phase)
+    cx = width / 2 + width / 4 * np.cos(phase)
+    disc = ((ys - cy) ** 2 + (xs - cx) ** 2) < (min(height, width) / 8) ** 2
+    picture[disc] = 1.0
+    return (picture * 255).astype(np.uint8)
+
+
+def moving_frames(count: int, height: int, width: int) -> list[np.ndarray]:
+    return [moving_frame(i, height, width) for i in range(count)]

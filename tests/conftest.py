@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny seeded models built in-process; nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: tests never download
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from engine.presets import build_preset
+
+    return build_preset("tiny")

@@ -1,0 +1,108 @@
+"""Model loading: presets are deterministic and offline; hub models fail fast and clearly offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.models import ModelSpec, ModelUnavailableError, load_components
+from engine.presets import build_preset, load_tiny_tokenizer
+from engine.tokenizer_vocab import TINY_TOKENIZER_DIR, byte_level_vocab, bytes_to_unicode
+
+
+def test_presets_are_deterministic_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(1234)
+    before = torch.rand(1)
+    torch.manual_seed(1234)
+    a, b = build_preset("tiny"), build_preset("tiny")
+    assert torch.equal(torch.rand(1), before)
+    for module in ("unet", "vae", "text_encoder"):
+        pairs = zip(getattr(a, module).state_dict().values(), getattr(b, module).state_dict().values())
+        assert all(torch.equal(x, y) for x, y in pairs), module
+
+
+def test_small_preset_is_sd_shaped_with_both_vaes() -> None:
+    small = build_preset("small")
+    params = sum(p.numel() for p in small.unet.parameters())
+    assert 10e6 <= params <= 20e6
+    assert len(small.unet.config.block_out_channels) == 4
+    assert type(small.vae).__name__ == "AutoencoderTiny"
+    assert type(build_preset("small", vae="full").vae).__name__ == "AutoencoderKL"
+
+
+def test_tiny_preset_has_no_full_vae() -> None:
+    with pytest.raises(ValueError, match=r"vae='full' is not available for preset 'tiny'"):
+        build_preset("tiny", vae="full")
+
+
+def test_shipped_vocabulary_covers_every_byte() -> None:
+    shipped = json.loads((TINY_TOKENIZER_DIR / "vocab.json").read_text("utf-8"))
+    assert shipped == byte_level_vocab()
+    assert all(char in shipped and char + "</w>" in shipped for char in bytes_to_unicode().values())
+
+
+def test_tokenizer_gives_different_ids_for_different_prompts() -> None:
+    tokenizer = load_tiny_tokenizer()
+    ids = [tokenizer(p).input_ids for p in ("a cat", "a cot", "Ünïcødé ✓ 😀", "a cat")]
+    assert ids[0] != ids[1] and ids[0] == ids[3]
+    assert tokenizer.unk_token_id not in ids[2][1:-1], "every byte has a token"
+    assert tokenizer.model_max_length == 77
+
+
+def test_offline_hub_model_fails_fast_with_what_to_do(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError) as raised:
+        load_components(ModelSpec(model="stabilityai/sd-turbo", cache_dir=str(tmp_path)))
+    message = str(raised.value)
+    assert "'stabilityai/sd-turbo'" in message
+    assert "--model PATH" in message and "--model tiny" in message and "hf download" in message
+    assert "\n" not in message, "one clear line, not a wall"
+
+
+def test_unreachable_hub_fails_fast_with_what_to_do(monkeypatch, tmp_path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed loopback port
+    with pytest.raises(ModelUnavailableError, match="'someone/some-model' is not in the local Hugging Face cache"):
+        load_components(ModelSpec(model="someone/some-model", cache_dir=str(tmp_path)))
+
+
+def test_missing_path_and_pickle_files_are_refused(tmp_path) -> None:
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        load_components(ModelSpec(model=str(tmp_path / "nope.safetensors")))
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not really")
+    with pytest.raises(ModelUnavailableError, match="not a .safetensors file"):
+        load_components(ModelSpec(model=str(checkpoint)))
+
+
+def test_bad_device_and_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        load_components(ModelSpec(model="tiny", dtype="float8"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            load_components(ModelSpec(model="tiny", device="cuda"))
+
+
+def test_local_diffusers_folder_loads_the_same_model(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    small = build_preset("small", vae="full")
+    pipe = StableDiffusionPipeline(vae=small.vae, text_encoder=small.text_encoder, tokenizer=small.tokenizer,
+                                   unet=small.unet, scheduler=small.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    build_preset("tiny").vae.save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    assert not list(tmp_path.rglob("*.bin")), "safetensors only"
+
+    loaded = load_components(ModelSpec(model=str(tmp_path / "model"), vae="full", device="cpu"))
+    for name in ("unet", "vae", "text_encoder"):
+        pairs = zip(getattr(small, name).state_dict().values(), getattr(loaded, name).state_dict().values())
+        assert all(torch.equal(x, y) for x, y in pairs), name
+    assert type(loaded.scheduler).__name__ == "LCMScheduler"
+    custom_vae = load_components(ModelSpec(model=str(tmp_path / "model"), vae=str(tmp_path / "taesd")))
+    assert type(custom_vae.vae).__name__ == "AutoencoderTiny"
