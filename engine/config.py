@@ -99,6 +99,27 @@ def validate(config: StreamConfig) -> None:
         raise ValueError(f"negative_prompt must be a string, got {type(config.negative_prompt).__name__}")
 
 
+def updated_config(config: StreamConfig, changes: dict[str, Any]) -> StreamConfig:
+    """``config`` with ``changes`` applied mid-stream, or ``ValueError`` and nothing changed.
+
+    ``strength`` is accepted in place of ``t_index_list``. Shape-defining fields, and the number
+    of steps, cannot change mid-stream: they need a new stream.
+    """
+    changes = dict(changes)
+    if "strength" in changes:
+        if "t_index_list" in changes:
+            raise ValueError("give strength or t_index_list, not both")
+        changes["t_index_list"] = strength_to_t_index_list(
+            changes.pop("strength"), config.denoising_steps, config.num_inference_steps)
+    new = config.with_updates(**changes)
+    fixed = sorted(name for name in SHAPE_FIELDS if getattr(new, name) != getattr(config, name))
+    if new.denoising_steps != config.denoising_steps:
+        fixed.append(f"len(t_index_list) ({config.denoising_steps} → {new.denoising_steps})")
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} set the batch shape; open a new stream to change them")
+    return new
+
+
 def strength_to_t_index_list(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:
     """Map a user-facing ``strength`` in [0, 1] to ``steps`` ascending indices into the schedule.
 
@@ -181,5 +202,6 @@ __all__ = [
     "StreamConfig",
     "parse_t_index_list",
     "strength_to_t_index_list",
+    "updated_config",
     "validate",
 ]

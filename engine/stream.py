@@ -12,13 +12,14 @@ division by ``alpha`` (as small as 0.07 at t = 999).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from engine.backends import UNetFn, torch_unet
 from engine.components import Components
-from engine.config import SHAPE_FIELDS, StreamConfig, strength_to_t_index_list
+from engine.config import StreamConfig, updated_config
 from engine.image import Frame, FrameKind, frame_kind, postprocess, preprocess
 from engine.prompts import PromptEncoder
 from engine.schedule import step_schedule
@@ -26,6 +27,16 @@ from engine.similarity import SimilarityFilter
 from engine.vae import decode_latents, encode_latents
 
 MATH_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class UNetRows:
+    """One stream's share of a UNet call: its batch ``x`` and the UNet inputs laid out for its CFG type."""
+
+    x: torch.Tensor
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
 
 
 class StreamDiffusion:
@@ -99,26 +110,60 @@ class StreamDiffusion:
         self._check_mode("img2img")
         if len(frames) != self.frames:
             raise ValueError(f"img2img needs exactly frame_buffer_size={self.frames} frames, got {len(frames)}")
-        kind = frame_kind(frames[0])
-        images = preprocess(list(frames), self.config.height, self.config.width, self.device, self.dtype)
-        if self.config.similarity_filter and self.filter.should_skip(images):
-            return self._last_outputs
-        latents = encode_latents(self.components.vae, images).to(MATH_DTYPE)
-        noisy = self._alpha[: self.frames] * latents + self._beta[: self.frames] * self._noise[: self.frames]
-        return self._emit(self.denoise(noisy), kind)
+        images = self.preprocess(frames)
+        if self.skips(images):
+            return self.last_outputs
+        finished = self.denoise(self.noised(encode_latents(self.components.vae, images)))
+        return self.emit(finished, frame_kind(frames[0]))
+
+    def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
+        """Frames → the VAE's input batch at the configured size (see :mod:`engine.image`)."""
+        return preprocess(list(frames), self.config.height, self.config.width, self.device, self.dtype)
+
+    def skips(self, images: torch.Tensor) -> bool:
+        """Whether the similarity filter (when on) skips these preprocessed images."""
+        return self.config.similarity_filter and self.filter.should_skip(images)
+
+    def noised(self, latents: torch.Tensor) -> torch.Tensor:
+        """Encoded frames noised to the first step with the stream's fixed noise."""
+        f = self.frames
+        return self._alpha[:f] * latents.to(MATH_DTYPE) + self._beta[:f] * self._noise[:f]
+
+    def emit(self, finished: torch.Tensor | None, kind: FrameKind,
+             decoded: torch.Tensor | None = None) -> list[Frame] | None:
+        """Finished latents (or their ``decoded`` images) → output frames, remembered for re-emission."""
+        if finished is None:
+            return None
+        if decoded is None:
+            decoded = decode_latents(self.components.vae, finished.to(self.dtype))
+        self._last_outputs = postprocess(decoded, kind)
+        return self._last_outputs
+
+    @property
+    def last_outputs(self) -> list[Frame] | None:
+        return self._last_outputs
 
     @torch.inference_mode()
     def txt2img(self, output: FrameKind = "np") -> list[Frame] | None:
         """Generate ``frame_buffer_size`` frames from the stream's fixed noise and the prompt."""
         self._check_mode("txt2img")
-        return self._emit(self.denoise(self._noise[: self.frames].clone()), output)
+        return self.emit(self.denoise(self._noise[: self.frames].clone()), output)
 
     @torch.inference_mode()
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor | None:
         """One stream-batch call on ``f`` new rows at step 0; the finished latents, or ``None`` when warming up."""
-        f = self.frames
+        rows = self.prepare(noisy)
+        return self.finish(rows, self.unet(rows.sample, rows.timesteps, rows.embeds))
+
+    def prepare(self, noisy: torch.Tensor) -> UNetRows:
+        """The rows this stream adds to a UNet call; changes no state, so a failed call can be retried."""
         x = torch.cat([noisy, self._buffer]) if self.steps > 1 else noisy
-        eps = self._guided_noise(x)
+        return UNetRows(x, self._cfg_layout(x).to(self.dtype), self._unet_timesteps, self._unet_embeds)
+
+    def finish(self, rows: UNetRows, prediction: torch.Tensor) -> torch.Tensor | None:
+        """Apply the UNet's ``prediction`` for ``rows``: guidance, x0, stock noise, buffer shift."""
+        f, x = self.frames, rows.x
+        eps = self._guide(self._as_epsilon(prediction.to(MATH_DTYPE), rows.sample.to(MATH_DTYPE)))
         x0 = self._c_out * (x - self._beta * eps) / self._alpha + self._c_skip * x
         finished = None if self.warming_up else x0[-f:]
         if self.config.cfg_type in ("self", "initialize"):
@@ -131,19 +176,12 @@ class StreamDiffusion:
         """Change parameters for the next frame without a pause or a new warm-up.
 
         Accepts every :class:`StreamConfig` field except the shape-defining ones, plus
-        ``strength`` (mapped by :func:`engine.config.strength_to_t_index_list`).
+        ``strength`` (see :func:`engine.config.updated_config`). A refused update changes nothing.
         """
-        if "strength" in changes:
-            if "t_index_list" in changes:
-                raise ValueError("give strength or t_index_list, not both")
-            strength = changes.pop("strength")
-            changes["t_index_list"] = strength_to_t_index_list(strength, self.steps, self.config.num_inference_steps)
-        new = self.config.with_updates(**changes)
-        fixed = sorted(name for name in SHAPE_FIELDS if getattr(new, name) != getattr(self.config, name))
-        if len(new.t_index_list) != self.steps:
-            fixed.append(f"len(t_index_list) ({self.steps} → {len(new.t_index_list)})")
-        if fixed:
-            raise ValueError(f"{', '.join(fixed)} set the batch shape; open a new stream to change them")
+        self.apply_config(updated_config(self.config, changes))
+
+    def apply_config(self, new: StreamConfig) -> None:
+        """Switch to ``new``, already validated by :func:`engine.config.updated_config`."""
         old, self.config = self.config, new
         self._apply_changes(old, new)
 
@@ -157,9 +195,8 @@ class StreamDiffusion:
 
     # ------------------------------------------------------------- the math
 
-    def _guided_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction for every row, with residual CFG applied."""
-        eps = self._predict_noise(self._cfg_layout(x))
+    def _guide(self, eps: torch.Tensor) -> torch.Tensor:
+        """Residual CFG over the UNet's noise predictions (laid out as :meth:`_cfg_layout`)."""
         cfg, f = self.config.cfg_type, self.frames
         if cfg == "none":
             return eps
@@ -172,11 +209,10 @@ class StreamDiffusion:
             eps_cond, eps_uncond = eps, self.config.delta * self._stock
         return eps_uncond + self.config.guidance_scale * (eps_cond - eps_uncond)
 
-    def _predict_noise(self, rows: torch.Tensor) -> torch.Tensor:
-        out = self.unet(rows.to(self.dtype), self._unet_timesteps, self._unet_embeds).to(MATH_DTYPE)
+    def _as_epsilon(self, prediction: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         if self.components.prediction_type == "v_prediction":  # ε = α·v + β·x
-            out = self._cfg_layout(self._alpha) * out + self._cfg_layout(self._beta) * rows
-        return out
+            return self._cfg_layout(self._alpha) * prediction + self._cfg_layout(self._beta) * sample
+        return prediction
 
     def _next_stock(self, eps: torch.Tensor) -> torch.Tensor:
         """Residual noise each row will carry at its next step (StreamDiffusion's stock-noise update).
@@ -253,13 +289,6 @@ class StreamDiffusion:
             self.filter.reset()
 
     # ------------------------------------------------------------- helpers
-
-    def _emit(self, finished: torch.Tensor | None, kind: FrameKind) -> list[Frame] | None:
-        if finished is None:
-            return None
-        images = decode_latents(self.components.vae, finished.to(self.dtype))
-        self._last_outputs = postprocess(images, kind)
-        return self._last_outputs
 
     def _check_mode(self, mode: str) -> None:
         if self.config.mode != mode:

@@ -1,0 +1,216 @@
+"""A session: one live stream (a browser peer, a WHIP publisher, a camera) on the engine.
+
+Input is one slot, newest wins: ``submit`` never blocks and never queues; a frame the worker
+has not taken yet is replaced (and counted as dropped). Output is one slot too, read with
+``await next_output()``. The worker thread fills it through the event loop's thread-safe
+call, so the loop only ever moves references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from engine.config import StreamConfig, updated_config
+from engine.image import Frame
+from engine.metrics import SessionMetrics
+from engine.stream import StreamDiffusion
+
+
+class EngineBusyError(RuntimeError):
+    """The engine is at its session limit; try again later (HTTP servers answer 503)."""
+
+
+class SessionClosedError(RuntimeError):
+    """The session was closed (by its owner, by the engine shutting down, or for being idle)."""
+
+
+class FrameError(RuntimeError):
+    """Processing one frame failed; the session goes on with the next frame."""
+
+    def __init__(self, message: str, frame_id: int) -> None:
+        super().__init__(message)
+        self.frame_id = frame_id
+
+
+@dataclass(frozen=True)
+class Output:
+    """A stylized frame and the input it came from (``frame_id``, ``pts`` as given to ``submit``)."""
+
+    frame: Frame
+    frame_id: int
+    pts: Any
+    latency: float
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class PendingFrame:
+    frame: Frame
+    frame_id: int
+    pts: Any
+    submitted_at: float
+
+
+class Session:
+    """Handle to one stream. Create it with :meth:`engine.runtime.Engine.open_session`."""
+
+    def __init__(self, session_id: str, stream: StreamDiffusion, loop: asyncio.AbstractEventLoop,
+                 wake_worker: Callable[[], None], on_close: Callable[["Session"], None]) -> None:
+        self.id = session_id
+        self.stream = stream
+        self.metrics = SessionMetrics()
+        self._loop = loop
+        self._wake_worker = wake_worker
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._pending: PendingFrame | None = None
+        self._pending_config: StreamConfig | None = None
+        self._in_flight: deque[PendingFrame] = deque()
+        self._ids = itertools.count()
+        self._output: Output | FrameError | None = None
+        self._output_ready = asyncio.Event()
+        self._waiters = 0
+        self._last_consumed = time.monotonic()
+        self.closed = False
+
+    # ------------------------------------------------------------ caller side (event loop)
+
+    @property
+    def config(self) -> StreamConfig:
+        """The parameters in force for the next frame (pending updates included)."""
+        with self._lock:
+            return self._pending_config or self.stream.config
+
+    def submit(self, frame: Frame, pts: Any = None) -> int:
+        """Offer a frame; returns its id. Never blocks: an unprocessed older frame is dropped."""
+        if self.closed:
+            raise SessionClosedError(f"session {self.id} is closed")
+        frame_id = next(self._ids)
+        with self._lock:
+            if self._pending is not None:
+                self.metrics.dropped += 1
+            self._pending = PendingFrame(frame, frame_id, pts, time.monotonic())
+            self.metrics.frames_in += 1
+        self._wake_worker()
+        return frame_id
+
+    def update(self, **params: Any) -> StreamConfig:
+        """Validate now (``ValueError`` if bad, nothing changed); apply from the next frame on."""
+        with self._lock:
+            new = updated_config(self._pending_config or self.stream.config, params)
+            self._pending_config = new
+        return new
+
+    async def next_output(self) -> Output:
+        """The newest stylized frame; raises :class:`FrameError` for a failed frame, then goes on."""
+        self._waiters += 1
+        try:
+            while self._output is None:
+                if self.closed:
+                    raise SessionClosedError(f"session {self.id} is closed")
+                self._output_ready.clear()
+                await self._output_ready.wait()
+        finally:
+            self._waiters -= 1
+            self._last_consumed = time.monotonic()
+        item, self._output = self._output, None
+        if isinstance(item, FrameError):
+            raise item
+        return item
+
+    async def outputs(self) -> AsyncIterator[Output]:
+        """Iterate outputs until the session closes (frame errors are skipped)."""
+        while True:
+            try:
+                yield await self.next_output()
+            except FrameError:
+                continue
+            except SessionClosedError:
+                return
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since a consumer last read or waited for an output (0 while one waits)."""
+        if self._waiters:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._last_consumed
+
+    def close(self) -> None:
+        """Stop the session and free its stream state. Idempotent; call on the event loop."""
+        if self.closed:
+            return
+        self.closed = True
+        with self._lock:
+            self._pending = None
+            self._in_flight.clear()
+        self._on_close(self)
+        self._output_ready.set()
+
+    # ------------------------------------------------------------ worker side (worker thread)
+
+    def take(self) -> PendingFrame | None:
+        """The pending frame, if any; parameter updates made before it take effect now (worker thread)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            new_config, self._pending_config = self._pending_config, None
+        if new_config is not None and not self.closed:
+            try:
+                self.stream.apply_config(new_config)
+            except Exception as error:  # noqa: BLE001 - e.g. the text encoder failed: report, keep going
+                if pending is not None:
+                    self.failed(pending, error)
+                return None
+        return pending
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def completed(self, frame: PendingFrame, outputs: list[Frame] | None, skipped: bool) -> None:
+        """Record a processed frame; deliver the output that left the pipeline, if one did."""
+        if skipped:
+            self.metrics.skipped += 1
+            if outputs is not None:
+                self._deliver(Output(outputs[0], frame.frame_id, frame.pts, self._latency(frame), skipped=True))
+            return
+        self.metrics.processed += 1
+        self._in_flight.append(frame)
+        if outputs is not None and self._in_flight:
+            source = self._in_flight.popleft()
+            self._deliver(Output(outputs[0], source.frame_id, source.pts, self._latency(source)))
+
+    def failed(self, frame: PendingFrame, error: BaseException) -> None:
+        self.metrics.errors += 1
+        if self.stream.calls == 0:  # the stream was reset: frames in flight are gone
+            self._in_flight.clear()
+        message = f"frame {frame.frame_id} of session {self.id} failed: {type(error).__name__}: {error}"
+        failure = FrameError(message, frame.frame_id)
+        failure.__cause__ = error
+        self._deliver(failure)
+
+    def _latency(self, frame: PendingFrame) -> float:
+        latency = time.monotonic() - frame.submitted_at
+        self.metrics.latency.add(latency)
+        return latency
+
+    def _deliver(self, item: Output | FrameError) -> None:
+        if isinstance(item, Output):
+            self.metrics.outputs += 1
+            self.metrics.output_rate.tick()
+        try:
+            self._loop.call_soon_threadsafe(self._put, item)
+        except RuntimeError:  # the loop is closed: nobody is left to read it
+            pass
+
+    def _put(self, item: Output | FrameError) -> None:
+        if self.closed:
+            return
+        if isinstance(self._output, Output):
+            self.metrics.outputs_dropped += 1
+        self._output = item
+        self._output_ready.set()
