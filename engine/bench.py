@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers baselines")
     parser.add_argument("--json", default=None, help="write the results here")
+    runtime = parser.add_argument_group("runtime benchmark (--runtime)")
+    runtime.add_argument("--runtime", action="store_true",
+                         help="drive the asyncio runtime with concurrent synthetic streams instead")
+    runtime.add_argument("--sessions", default="1,2,4", help="concurrent stream counts to measure")
+    runtime.add_argument("--offer-fps", type=float, default=30.0, help="frames/s each stream offers")
+    runtime.add_argument("--duration", type=float, default=24.0, help="measured seconds per session count")
+    runtime.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before the first window")
     return parser.parse_args(argv)
 
 
@@ -85,23 +92,25 @@ class Bench:
         return sum(output is not None for output in outputs)
 
     @torch.inference_mode()
-    def floor(self, frames: list[np.ndarray]) -> int:
-        """Only the model calls a stream frame costs, on inputs prepared beforehand."""
-        images = [self._to_model_input(frame) for frame in frames]
-        rows = len(self.schedule)
+    def floor(self, frames: list[np.ndarray], streams: int = 1) -> int:
+        """Only the model calls the frames cost, on inputs prepared beforehand: per group of ``streams``
+        frames, one VAE encode, one UNet call over ``n·streams`` rows, one VAE decode."""
+        groups = [frames[i:i + streams] for i in range(0, len(frames) - streams + 1, streams)]
+        images = [torch.cat([self._to_model_input(frame) for frame in group]) for group in groups]
+        steps = len(self.schedule)
         latent_h, latent_w = self.config.latent_size
-        in_flight = torch.randn(rows - 1, 4, latent_h, latent_w, device=self.device, dtype=self.dtype)
-        timesteps = self.schedule.timesteps.to(self.device)
-        embeds = self.cond.expand(rows, -1, -1)
+        in_flight = torch.randn((steps - 1) * streams, 4, latent_h, latent_w, device=self.device, dtype=self.dtype)
+        timesteps = self.schedule.timesteps.to(self.device).repeat_interleave(streams)
+        embeds = self.cond.expand(steps * streams, -1, -1).contiguous()
         unet, vae = self.components.unet, self.components.vae
         started = time.perf_counter()
-        for image in images:
-            latents = encode_latents(vae, image)
-            batch = torch.cat([latents, in_flight])
-            finished = unet(batch, timesteps, encoder_hidden_states=embeds).sample[-1:]
+        for batch in images:
+            latents = encode_latents(vae, batch)
+            rows = torch.cat([latents, in_flight])
+            finished = unet(rows, timesteps, encoder_hidden_states=embeds).sample[-streams:]
             decode_latents(vae, finished)
         self.last_elapsed = time.perf_counter() - started
-        return len(images)
+        return streams * len(images)
 
     @torch.inference_mode()
     def sequential(self, frames: list[np.ndarray]) -> int:
@@ -187,12 +196,7 @@ def summarize(results: dict[str, dict], args: argparse.Namespace, config: Stream
             summary[f"stream_over_{name}"] = stream / summary[f"{name}_fps"]
     summary["rounds"] = {name: r["rounds"] for name, r in results.items()}
     summary["config"] = {**asdict(config), "preset": args.preset, "frames": args.frames, "rounds": args.rounds}
-    summary["environment"] = {
-        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    summary["environment"] = environment(device)
     return summary
 
 
@@ -208,14 +212,40 @@ def print_table(summary: dict) -> None:
           f"cfg={config['cfg_type']} | torch {env['torch']} on {env['device']}, {env['threads']} threads")
 
 
+def bench_config(args: argparse.Namespace) -> StreamConfig:
+    """The stream configuration both benchmarks use: square frames at the preset's size by default."""
+    size = args.size or (PRESETS[args.preset].default_size if args.preset in PRESETS else 512)
+    return StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=size, height=size,
+                        cfg_type=args.cfg_type, guidance_scale=1.0, prompt=PROMPT, seed=0)
+
+
+def write_json(path: str | None, summary: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = args.size or (PRESETS[args.preset].default_size if args.preset in PRESETS else 512)
-    config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=size, height=size,
-                          cfg_type=args.cfg_type, guidance_scale=1.0, prompt=PROMPT, seed=0)
+    if args.runtime:
+        from engine.bench_runtime import main as runtime_main
+
+        return runtime_main(args)
+    config = bench_config(args)
+    size = config.width
     components = load_components(ModelSpec(model=args.preset, device=args.device))
     full_vae = None
     if not args.skip_diffusers and (args.preset not in PRESETS or PRESETS[args.preset].kl_channels):
@@ -226,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_methods(bench, bench.methods(not args.skip_diffusers), frames, args.rounds)
     summary = summarize(results, args, config, components.device)
     print_table(summary)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, summary)
     return 0
 
 

@@ -122,6 +122,11 @@ class Engine:
         self.metrics.sessions_opened += 1
         return session
 
+    @property
+    def idle(self) -> bool:
+        """True when no worker is running a round and no frame waits."""
+        return all(worker.idle for worker in self._workers)
+
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 

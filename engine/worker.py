@@ -33,11 +33,17 @@ class Worker:
         self._next = 0
         self._wake = threading.Condition()
         self._stopping = False
+        self._working = False
         self._thread = threading.Thread(target=self._run, name=f"diffcam-worker-{self.device}", daemon=True)
 
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    @property
+    def idle(self) -> bool:
+        """No round running and no frame waiting."""
+        return not self._working and not any(s.has_pending for s in self._sessions)
 
     def start(self) -> None:
         self._thread.start()
@@ -76,17 +82,21 @@ class Worker:
                 for session, frame in taken:
                     session.failed(frame, error)
             self._metrics.busy.add(started, time.monotonic())
+            self._working = False
 
     def _gather(self) -> list[tuple[Session, PendingFrame]] | None:
         """Wait for frames; take up to ``max_batch`` sessions' frames, round-robin. None to stop."""
         with self._wake:
-            while not self._stopping and not any(s.has_pending for s in self._sessions):
-                self._wake.wait(timeout=0.5)
-            if self._stopping:
-                return None
-            count = len(self._sessions)
-            order = [self._sessions[(self._next + i) % count] for i in range(count)]
-            chosen = [s for s in order if s.has_pending][: self._max_batch]
+            chosen: list[Session] = []
+            while not chosen:  # a session closing meanwhile can empty its slot: look again
+                while not self._stopping and not any(s.has_pending for s in self._sessions):
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return None
+                count = len(self._sessions)
+                order = [self._sessions[(self._next + i) % count] for i in range(count)]
+                chosen = [s for s in order if s.has_pending][: self._max_batch]
+            self._working = True
             self._next = (self._sessions.index(chosen[-1]) + 1) % count
         taken = [(session, session.take()) for session in chosen]
         return [(session, frame) for session, frame in taken if frame is not None]

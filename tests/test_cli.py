@@ -60,3 +60,16 @@ def test_bench_writes_the_documented_json(tmp_path) -> None:
                 "stream_over_floor", "stream_over_sequential", "stream_over_diffusers_same_vae"):
         assert result[key] > 0, key
     assert result["environment"]["threads"] >= 1 and result["config"]["t_index_list"] == [10, 40]
+
+
+def test_runtime_bench_writes_the_documented_json(tmp_path) -> None:
+    out = tmp_path / "runtime.json"
+    assert bench.main(["--runtime", "--preset", "tiny", "--size", "64", "--t-index-list", "20,40",
+                       "--sessions", "1,2", "--duration", "1", "--warmup", "0.5", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["sessions"] for r in results] == [1, 2]
+    for r in results:
+        for key in ("runtime_fps", "floor_fps", "min_session_fps", "max_session_fps",
+                    "latency_ms_p50", "latency_ms_p95"):
+            assert r[key] > 0, key
+        assert 0 <= r["drop_rate"] <= 1

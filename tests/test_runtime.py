@@ -271,3 +271,18 @@ async def test_a_waiting_reader_keeps_its_session_open(tiny) -> None:
         session.close()
         with pytest.raises(SessionClosedError):
             await reader
+
+
+async def test_round_robin_gives_every_session_its_turn(tiny) -> None:
+    async with Engine(engine_config(max_batch=1), components=tiny) as engine:
+        sessions = [await engine.open_session(prompt=p) for p in ("one", "two", "three")]
+        pictures = [frame(i) for i in range(3)]
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # every session always has a frame waiting
+            for session, picture in zip(sessions, pictures):
+                session.submit(picture)
+            await asyncio.sleep(0.002)
+        counts = [s.metrics.processed for s in sessions]
+        histogram = engine.snapshot()["batch_size_histogram"]
+    assert set(histogram) == {1}, "max_batch=1: one session per UNet call"
+    assert min(counts) >= 5 and max(counts) - min(counts) <= 1, counts
