@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,16 +70,30 @@ class ModelSpec:
         return dtypes[self.dtype]
 
 
-def load_components(spec: ModelSpec = ModelSpec()) -> Components:
-    """Load everything a stream needs, on the spec's device and dtype."""
+LOAD_STAGES = ("pipeline", "lcm-lora", "vae", "device")
+
+
+def load_components(spec: ModelSpec = ModelSpec(), progress: Callable[[str], None] | None = None) -> Components:
+    """Load everything a stream needs, on the spec's device and dtype.
+
+    ``progress``, if given, is called after each of :data:`LOAD_STAGES` (for a progress bar).
+    """
+    report = progress or (lambda stage: None)
     device = spec.resolved_device()
     dtype = spec.resolved_dtype(device)
     if is_preset(spec.model):
-        return build_preset(spec.model, vae=spec.vae, device=device, dtype=dtype)
+        components = build_preset(spec.model, vae=spec.vae, device=device, dtype=dtype)
+        for stage in LOAD_STAGES:
+            report(stage)
+        return components
     pipe = _load_pipeline(spec, dtype)
+    report("pipeline")
     _maybe_fuse_lcm_lora(pipe, spec)
+    report("lcm-lora")
     vae = pipe.vae if spec.vae == "full" else _load_taesd(spec, dtype)
+    report("vae")
     components = _components_from_pipeline(pipe, vae, spec.model, device, dtype)
+    report("device")
     log.info("loaded %s (%s) on %s as %s", spec.model, components.family, device, dtype)
     return components
 

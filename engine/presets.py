@@ -57,7 +57,7 @@ def build_preset(name: str, *, vae: str = "tiny", device: str | torch.device = "
     tokenizer = load_tiny_tokenizer()
     components = Components(
         name=name,
-        unet=_seeded(lambda: _unet(spec), 1),
+        unet=_seeded(lambda: amplify_prompt(_unet(spec)), 1),
         vae=_seeded(lambda: calibrate_vae(_vae(spec, vae, name)), 2),
         text_encoder=_seeded(lambda: _text_encoder(spec, tokenizer), 3),
         tokenizer=tokenizer,
@@ -129,6 +129,23 @@ def _vae(spec: PresetSpec, kind: str, name: str) -> AutoencoderKL | AutoencoderT
         )
     allowed = ["tiny", "full"] if spec.kl_channels is not None else ["tiny"]
     raise ValueError(f"vae={kind!r} is not available for preset {name!r}; choose from {allowed}")
+
+
+CROSS_ATTENTION_GAIN = 8.0
+
+
+@torch.no_grad()
+def amplify_prompt(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Scale the cross-attention outputs so the prompt visibly steers a random UNet's picture.
+
+    With plain random weights a prompt change moves the output by ~2 grey levels, less than
+    video-codec noise; ×8 makes it ~7, so tests through WebRTC can see a prompt change.
+    """
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.to_out[0].weight.mul_(CROSS_ATTENTION_GAIN)
+            module.to_out[0].bias.mul_(CROSS_ATTENTION_GAIN)
+    return unet
 
 
 @torch.no_grad()

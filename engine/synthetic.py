@@ -22,3 +22,22 @@ def moving_frame(index: int, height: int, width: int) -> np.ndarray:
 
 def moving_frames(count: int, height: int, width: int) -> list[np.ndarray]:
     return [moving_frame(i, height, width) for i in range(count)]
+
+
+def write_y4m(path: str, frames: int = 30, height: int = 120, width: int = 160, fps: int = 15) -> None:
+    """Write the moving clip as a 4:2:0 Y4M file (Chromium's fake camera reads these; it loops them)."""
+    import cv2
+
+    with open(path, "wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420\n".encode())
+        for index in range(frames):
+            i420 = cv2.cvtColor(moving_frame(index * 2, height, width), cv2.COLOR_RGB2YUV_I420)
+            out.write(b"FRAME\n" + i420.tobytes())
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "assets/camera.y4m"
+    write_y4m(target)
+    print(f"wrote {target}")

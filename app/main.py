@@ -1,0 +1,143 @@
+"""``python app/main.py`` (or ``diffcam``): serve the live stylizer page on http://127.0.0.1:7860."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python app/main.py`: import the project, not app/ siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a camera app
+
+from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_to_t_index_list  # noqa: E402
+from engine.models import DEFAULT_MODEL, LOAD_STAGES, ModelSpec, ModelUnavailableError  # noqa: E402
+from engine.presets import PRESETS  # noqa: E402
+
+
+class StartupError(RuntimeError):
+    """A problem that stops the server from starting; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffcam", description="Live webcam stylizer: your camera, Stable Diffusion img2img, back in real time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help="hub id, local diffusers folder, .safetensors file, or a preset: tiny, small "
+                            "(random weights, for trying things offline)")
+    model.add_argument("--vae", default="tiny", help="tiny (TAESD), full (the model's own), or a TAESD id/folder")
+    model.add_argument("--lcm-lora", default="auto", help="auto, none, or an LCM-LoRA id/path for SD 1.x models")
+    model.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    model.add_argument("--dtype", default=None, help="float16/float32/bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    model.add_argument("--trt", action="store_true", help="run the UNet and VAE as TensorRT engines (NVIDIA GPUs)")
+    stream = parser.add_argument_group("stream (the page can change the live ones)")
+    stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture")
+    stream.add_argument("--negative-prompt", default="photo, blurry, low quality")
+    stream.add_argument("--width", type=int, default=None, help="output width (default: 512; a preset's own size)")
+    stream.add_argument("--height", type=int, default=None, help="output height (default: 512; a preset's own size)")
+    steps = stream.add_mutually_exclusive_group()
+    steps.add_argument("--strength", type=float, default=None, help="0 keeps the camera image, 1 re-imagines it")
+    steps.add_argument("--t-index-list", default="32,45", help="denoising steps out of --num-inference-steps")
+    stream.add_argument("--steps", type=int, default=2, help="denoising steps when --strength is given")
+    stream.add_argument("--num-inference-steps", type=int, default=50)
+    stream.add_argument("--cfg-type", default="self", choices=CFG_TYPES, help="residual CFG variant")
+    stream.add_argument("--guidance", type=float, default=1.2, help="guidance scale")
+    stream.add_argument("--delta", type=float, default=1.0, help="RCFG stock-noise multiplier")
+    stream.add_argument("--seed", type=int, default=2)
+    stream.add_argument("--similarity-filter", action="store_true", help="skip near-duplicate camera frames")
+    stream.add_argument("--similarity-threshold", type=float, default=0.98)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to your network)")
+    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--max-sessions", type=int, default=4, help="concurrent camera streams; more get 'busy'")
+    server.add_argument("--idle-timeout", type=float, default=30.0, help="seconds before an abandoned stream is freed")
+    server.add_argument("--auth", default=None, metavar="USER:PASS", help="protect the page and /offer")
+    server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
+    server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")
+    return parser
+
+
+def stream_config(args: argparse.Namespace) -> StreamConfig:
+    default_size = PRESETS[args.model].default_size if args.model in PRESETS else 512
+    if args.strength is not None:
+        t_index_list = strength_to_t_index_list(args.strength, args.steps, args.num_inference_steps)
+    else:
+        t_index_list = parse_t_index_list(args.t_index_list)
+    return StreamConfig(
+        t_index_list=t_index_list, num_inference_steps=args.num_inference_steps,
+        width=args.width or default_size, height=args.height or default_size, cfg_type=args.cfg_type,
+        guidance_scale=args.guidance, delta=args.delta, seed=args.seed, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, similarity_filter=args.similarity_filter,
+        similarity_threshold=args.similarity_threshold,
+    )
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is out of range; allowed: [1, 65535]")
+    if not 100 <= args.bitrate <= 50_000:
+        raise ValueError(f"--bitrate {args.bitrate} kbit/s is out of range; allowed: [100, 50000]")
+    if args.auth is not None:
+        from app.server import parse_auth
+
+        parse_auth(args.auth)
+
+
+def check_trt() -> None:
+    """The TensorRT backend needs CUDA and TensorRT; say exactly what is missing."""
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU visible to torch (install the CUDA build of torch on an NVIDIA machine)")
+    if importlib.util.find_spec("tensorrt") is None:
+        missing.append("TensorRT (pip install -e '.[trt]' on a machine with NVIDIA's TensorRT wheels)")
+    if missing:
+        raise StartupError("--trt needs " + " and ".join(missing))
+    raise StartupError("--trt: the TensorRT backend is not built into this version yet; run without --trt")
+
+
+def load(args: argparse.Namespace):
+    from tqdm import tqdm
+
+    from engine.models import load_components
+    from engine.quiet import quiet_libraries
+
+    quiet_libraries()
+    spec = ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora, device=args.device, dtype=args.dtype)
+    with tqdm(total=len(LOAD_STAGES), desc=f"loading {args.model}", unit="stage", file=sys.stderr) as bar:
+        return load_components(spec, progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
+
+
+def describe(components, config: StreamConfig, args: argparse.Namespace) -> str:
+    weights = " (random weights: the pictures are abstract)" if args.model in PRESETS else ""
+    return (f"model {components.name}{weights}\n"
+            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend torch, "
+            f"{config.width}x{config.height}, t_index_list={list(config.t_index_list)} "
+            f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {args.max_sessions} streams")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = stream_config(args)
+        check_server_args(args)
+        if args.trt:
+            check_trt()
+        components = load(args)
+    except (ValueError, StartupError, ModelUnavailableError) as error:
+        print(f"diffcam: {error}", file=sys.stderr)
+        return 2
+    print(describe(components, config, args))
+    from app.serve import serve
+
+    return serve(args, components, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

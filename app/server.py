@@ -1,0 +1,117 @@
+"""The HTTP server: one FastAPI app with ``POST /offer``, ``GET /healthz``, ``GET /metrics``, the UI at ``/``.
+
+``/offer`` takes ``{"sdp", "type"}`` (aiortc's convention) and answers with the same plus the
+session id. Bad offers get a 400 with a reason, a full engine a 503; nothing a client sends
+can make it answer 500 or stop serving others.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.webrtc import OfferError, PeerManager
+from engine.runtime import Engine
+from engine.session import EngineBusyError
+
+log = logging.getLogger(__name__)
+
+MAX_OFFER_BYTES = 200_000
+
+
+def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | None = None,
+               start_engine: bool = True) -> FastAPI:
+    """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            await peers.close()
+            if start_engine:
+                await engine.aclose()
+
+    app = FastAPI(title="diffcam", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if auth is not None:
+        app.add_middleware(BasicAuth, credentials=auth)
+
+    @app.post("/offer")
+    async def offer(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            answer, peer = await peers.answer(body.get("sdp"), body.get("type"))
+        except EngineBusyError as error:
+            return JSONResponse({"error": "server busy", "detail": str(error)}, status_code=503)
+        except OfferError as error:
+            return JSONResponse({"error": "bad offer", "detail": str(error)}, status_code=400)
+        return JSONResponse({"sdp": answer.sdp, "type": answer.type, "session": peer.session.id})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "sessions": len(engine.sessions()), "max_sessions": engine.config.max_sessions}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_OFFER_BYTES:
+        raise OfferError(f"the request body is larger than {MAX_OFFER_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OfferError('the body must be JSON: {"sdp": "...", "type": "offer"}') from None
+    if not isinstance(body, dict):
+        raise OfferError('the body must be a JSON object: {"sdp": "...", "type": "offer"}')
+    return body
+
+
+class BasicAuth:
+    """HTTP Basic auth in front of everything but ``/healthz`` (the UI, ``/offer``, ``/metrics``)."""
+
+    def __init__(self, app: ASGIApp, credentials: tuple[str, str]) -> None:
+        self.app = app
+        self.expected = _basic_token(*credentials)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        if secrets.compare_digest(header.encode(), self.expected.encode()):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        response = Response("authentication required", status_code=401,
+                            headers={"WWW-Authenticate": 'Basic realm="diffcam"'})
+        await response(scope, receive, send)
+
+
+def parse_auth(text: str) -> tuple[str, str]:
+    """``USER:PASS`` → ``(user, password)``; ``ValueError`` when malformed."""
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASS with both parts non-empty")
+    return user, password
+
+
+def _basic_token(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+__all__ = ["BasicAuth", "create_app", "parse_auth"]
