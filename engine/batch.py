@@ -36,6 +36,7 @@ class FrameJob:
     outputs: list[Frame] | None = None
     skipped: bool = False
     error: BaseException | None = None
+    advanced: bool = False  # the stream took this frame in (its state moved on)
     images: torch.Tensor | None = field(default=None, repr=False)
     rows: UNetRows | None = field(default=None, repr=False)
     finished: torch.Tensor | None = field(default=None, repr=False)
@@ -80,6 +81,7 @@ def _finish(job: FrameJob, prediction: torch.Tensor) -> bool:
     """Advance the stream; True when it has a finished frame to decode."""
     def run() -> bool:
         job.finished = job.stream.finish(job.rows, prediction)
+        job.advanced = True
         if not torch.isfinite(job.stream.latent_buffer).all() or (
                 job.finished is not None and not torch.isfinite(job.finished).all()):
             job.stream.reset()

@@ -8,6 +8,7 @@ through :meth:`engine.stream.StreamDiffusion.update`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Sequence, Union
 
@@ -55,7 +56,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         # Accept any sequence for t_index_list (lists from JSON, numpy ints) but store a tuple.
-        object.__setattr__(self, "t_index_list", tuple(int(i) for i in self.t_index_list))
+        object.__setattr__(self, "t_index_list", _as_indices(self.t_index_list))
         object.__setattr__(self, "prompt", _normalize_prompt(self.prompt))
         validate(self)
 
@@ -144,13 +145,31 @@ def parse_t_index_list(text: str) -> tuple[int, ...]:
         raise ValueError(f"t_index_list={text!r} must be comma-separated integers, e.g. 0,16,32,45") from None
 
 
+def _as_indices(value: Any) -> tuple[int, ...]:
+    """``t_index_list`` as a tuple of ints; anything else (floats, bools, None) is a ValueError."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"t_index_list={value!r} must be a list of integers, e.g. (32, 45)") from None
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
+        raise ValueError(f"t_index_list={value!r} must hold integers only, e.g. (32, 45)")
+    return tuple(int(i) for i in items)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except (OverflowError, TypeError):
+        return False
+
+
 def _normalize_prompt(prompt: Any) -> Prompt:
     """A string stays; a sequence of ``(prompt, weight)`` pairs becomes a checked tuple."""
     if isinstance(prompt, str):
         return prompt
     try:
         pairs = tuple((text, float(weight)) for text, weight in prompt)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"prompt={prompt!r} must be a string or a list of (prompt, weight) pairs") from None
     if not pairs or any(not isinstance(text, str) for text, _ in pairs):
         raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of (str, weight) pairs")
@@ -181,7 +200,7 @@ def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
 
 
 def _check_float_range(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ValueError(f"{name}={value!r} must be a finite number in [{low}, {high}]")
     if not low <= value <= high:
         raise ValueError(f"{name}={value} is out of range; allowed: [{low}, {high}]")

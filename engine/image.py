@@ -27,33 +27,38 @@ def frame_kind(frame: Frame) -> FrameKind:
     raise ValueError(f"a frame must be a numpy array or a torch tensor, got {type(frame).__name__}")
 
 
-def to_unit_chw(frame: Frame, device: torch.device) -> torch.Tensor:
-    """One frame as a float32 ``3×H×W`` tensor in [0, 1] on ``device``."""
+MAX_FRAME_SIDE = 8192
+
+
+def to_chw(frame: Frame, device: torch.device) -> torch.Tensor:
+    """One frame as a ``3×H×W`` tensor on ``device``, still uint8 when it came as uint8 (cheap to crop)."""
     if frame_kind(frame) == "np":
         array = np.asarray(frame)
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise ValueError(f"a numpy frame must be uint8 H×W×3 RGB, got {array.dtype} {array.shape}")
         _check_size(array.shape[0], array.shape[1])
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(2, 0, 1)
-        return tensor.float().div_(255.0)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(2, 0, 1)
     tensor = frame.squeeze(0) if frame.ndim == 4 and frame.shape[0] == 1 else frame
     if tensor.ndim != 3 or tensor.shape[0] != 3:
         raise ValueError(f"a tensor frame must be 3×H×W or 1×3×H×W, got {tuple(frame.shape)}")
     _check_size(tensor.shape[1], tensor.shape[2])
-    if tensor.dtype == torch.uint8:
-        return tensor.to(device).float().div_(255.0)
-    if not tensor.is_floating_point():
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         raise ValueError(f"a tensor frame must be float in [0, 1] or uint8, got {tensor.dtype}")
-    return tensor.to(device=device, dtype=torch.float32)
+    return tensor.to(device)
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32 in [0, 1]; floats → float32."""
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.to(torch.float32)
 
 
 def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Centre-crop ``3×H×W`` to the aspect ratio of ``height×width``, then resize to it."""
+    """Centre-crop ``3×H×W`` to the aspect ratio of ``height×width``, then resize to it (float32 in [0, 1])."""
     _, h, w = image.shape
     crop_h, crop_w = (h, round(h * width / height)) if w * height > h * width else (round(w * height / width), w)
     crop_h, crop_w = max(1, min(crop_h, h)), max(1, min(crop_w, w))
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    image = image[:, top:top + crop_h, left:left + crop_w]
+    image = to_unit(image[:, top:top + crop_h, left:left + crop_w])
     if (crop_h, crop_w) == (height, width):
         return image
     shrinking = crop_h > height or crop_w > width
@@ -64,7 +69,7 @@ def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def preprocess(frames: list[Frame], height: int, width: int, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
     """Frames → one ``f×3×height×width`` batch in [-1, 1], the VAE's input range."""
-    batch = torch.stack([fit(to_unit_chw(frame, device), height, width) for frame in frames])
+    batch = torch.stack([fit(to_chw(frame, device), height, width) for frame in frames])
     return batch.mul_(2.0).sub_(1.0).to(dtype)
 
 
@@ -80,3 +85,5 @@ def postprocess(images: torch.Tensor, kind: FrameKind) -> list[Frame]:
 def _check_size(height: int, width: int) -> None:
     if height < 1 or width < 1:
         raise ValueError(f"a frame must have at least one pixel, got {height}×{width}")
+    if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
+        raise ValueError(f"a frame of {height}×{width} is too large; at most {MAX_FRAME_SIDE} pixels a side")

@@ -29,6 +29,7 @@ DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
 _PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
                    "*/model.safetensors"]
 _WEIGHT_FILES = ["*.json", "*.safetensors"]
+HUB_TIMEOUT_S = 15.0
 
 
 class ModelUnavailableError(RuntimeError):
@@ -150,7 +151,7 @@ def _maybe_fuse_lcm_lora(pipe, spec: ModelSpec) -> None:
     source = DEFAULT_LCM_LORA if lora == "auto" else lora
     folder = source if Path(source).expanduser().exists() else resolve_hub_snapshot(
         source, _WEIGHT_FILES, spec.cache_dir)
-    pipe.load_lora_weights(folder, adapter_name="lcm")
+    pipe.load_lora_weights(folder, adapter_name="lcm", use_safetensors=True)
     pipe.fuse_lora()
     log.info("fused LCM-LoRA %s into %s", source, spec.model)
 
@@ -190,7 +191,7 @@ def hub_offline() -> bool:
 
 def resolve_hub_snapshot(repo_id: str, patterns: list[str], cache_dir: str | None = None) -> str:
     """A local folder holding ``repo_id``'s files: from the cache, else downloaded, else a clear error."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
@@ -201,6 +202,8 @@ def resolve_hub_snapshot(repo_id: str, patterns: list[str], cache_dir: str | Non
         raise ModelUnavailableError(_unavailable_message(repo_id, "HF_HUB_OFFLINE is set"))
     log.info("downloading %s from the Hugging Face hub", repo_id)
     try:
+        # huggingface_hub waits forever on a server that accepts but never answers: ask with a deadline first
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
         return snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise ModelUnavailableError(

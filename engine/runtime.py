@@ -45,6 +45,8 @@ class EngineConfig:
     shutdown_timeout: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.stream.mode != "img2img":
+            raise ValueError(f"stream.mode={self.stream.mode!r}: the runtime stylizes incoming frames (img2img)")
         if self.stream.frame_buffer_size != 1:
             raise ValueError(f"stream.frame_buffer_size={self.stream.frame_buffer_size}: the runtime batches one "
                              "frame per session per call; it must be 1")
@@ -111,10 +113,14 @@ class Engine:
             raise EngineBusyError(f"all {self.config.max_sessions} sessions are in use; try again later")
         worker = min(self._workers, key=lambda w: w.session_count)
         self._opening += 1
+        worker.reserved += 1
         try:  # prompt encoding runs the text encoder: not on the event loop
             stream = await asyncio.to_thread(StreamDiffusion, worker.components, config, worker.unet)
         finally:
             self._opening -= 1
+            worker.reserved -= 1
+        if self._closed:
+            raise RuntimeError("the engine shut down while the session was being opened")
         session_id = f"s{next(self._ids)}"
         session = Session(session_id, stream, self._loop, worker.wake, self._forget)
         self._sessions[session_id] = session

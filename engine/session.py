@@ -71,6 +71,7 @@ class Session:
         self._lock = threading.Lock()
         self._pending: PendingFrame | None = None
         self._pending_config: StreamConfig | None = None
+        self._latest_config = stream.config  # what update() builds on: pending updates included
         self._in_flight: deque[PendingFrame] = deque()
         self._ids = itertools.count()
         self._output: Output | FrameError | None = None
@@ -85,7 +86,7 @@ class Session:
     def config(self) -> StreamConfig:
         """The parameters in force for the next frame (pending updates included)."""
         with self._lock:
-            return self._pending_config or self.stream.config
+            return self._latest_config
 
     def submit(self, frame: Frame, pts: Any = None) -> int:
         """Offer a frame; returns its id. Never blocks: an unprocessed older frame is dropped."""
@@ -103,8 +104,8 @@ class Session:
     def update(self, **params: Any) -> StreamConfig:
         """Validate now (``ValueError`` if bad, nothing changed); apply from the next frame on."""
         with self._lock:
-            new = updated_config(self._pending_config or self.stream.config, params)
-            self._pending_config = new
+            new = updated_config(self._latest_config, params)
+            self._latest_config = self._pending_config = new
         return new
 
     async def next_output(self) -> Output:
@@ -162,8 +163,10 @@ class Session:
             try:
                 self.stream.apply_config(new_config)
             except Exception as error:  # noqa: BLE001 - e.g. the text encoder failed: report, keep going
-                if pending is not None:
-                    self.failed(pending, error)
+                with self._lock:
+                    if self._pending_config is None:  # no newer update: report what is really in force
+                        self._latest_config = self.stream.config
+                self.failed(pending, error)
                 return None
         return pending
 
@@ -184,12 +187,21 @@ class Session:
             source = self._in_flight.popleft()
             self._deliver(Output(outputs[0], source.frame_id, source.pts, self._latency(source)))
 
-    def failed(self, frame: PendingFrame, error: BaseException) -> None:
+    def failed(self, frame: PendingFrame | None, error: BaseException, *, advanced: bool = False,
+               output_due: bool = False) -> None:
+        """Report a failure. ``advanced``: the stream moved on before it (the frame is in flight now);
+        ``output_due``: the failure cost the output of the frame leaving the pipeline, which it names."""
         self.metrics.errors += 1
+        frame_id = frame.frame_id if frame is not None else -1  # -1: a parameter update failed
         if self.stream.calls == 0:  # the stream was reset: frames in flight are gone
             self._in_flight.clear()
-        message = f"frame {frame.frame_id} of session {self.id} failed: {type(error).__name__}: {error}"
-        failure = FrameError(message, frame.frame_id)
+        elif advanced and frame is not None:
+            self._in_flight.append(frame)
+            if output_due:
+                frame_id = self._in_flight.popleft().frame_id
+        what = f"frame {frame_id}" if frame_id >= 0 else "a parameter update"
+        message = f"{what} of session {self.id} failed: {type(error).__name__}: {error}"
+        failure = FrameError(message, frame_id)
         failure.__cause__ = error
         self._deliver(failure)
 

@@ -53,9 +53,7 @@ class StreamDiffusion:
         self.filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, config.seed)
         self.calls = 0
         self._last_outputs: list[Frame] | None = None
-        self._set_schedule()
-        self._set_noise()
-        self._set_prompts()
+        self.__dict__.update(self._schedule_state(config), **self._noise_state(config), **self._prompt_state(config))
         self._buffer = torch.zeros_like(self._noise[self.frames:])
 
     # ----------------------------------------------------------------- public API
@@ -163,7 +161,7 @@ class StreamDiffusion:
     def finish(self, rows: UNetRows, prediction: torch.Tensor) -> torch.Tensor | None:
         """Apply the UNet's ``prediction`` for ``rows``: guidance, x0, stock noise, buffer shift."""
         f, x = self.frames, rows.x
-        eps = self._guide(self._as_epsilon(prediction.to(MATH_DTYPE), rows.sample.to(MATH_DTYPE)))
+        eps = self._guide(self._as_epsilon(prediction.to(MATH_DTYPE), self._cfg_layout(x)))
         x0 = self._c_out * (x - self._beta * eps) / self._alpha + self._c_skip * x
         finished = None if self.warming_up else x0[-f:]
         if self.config.cfg_type in ("self", "initialize"):
@@ -181,9 +179,20 @@ class StreamDiffusion:
         self.apply_config(updated_config(self.config, changes))
 
     def apply_config(self, new: StreamConfig) -> None:
-        """Switch to ``new``, already validated by :func:`engine.config.updated_config`."""
-        old, self.config = self.config, new
-        self._apply_changes(old, new)
+        """Switch to ``new``, already validated by :func:`engine.config.updated_config`.
+
+        All-or-nothing: if recomputing raises (say the text encoder runs out of memory),
+        the stream keeps its old configuration and state.
+        """
+        old, state = self.config, self._changed_state(self.config, new)
+        self.config = new
+        self.__dict__.update(state)
+        if new.seed != old.seed:
+            self.filter.reseed(new.seed)
+        self.filter.threshold = new.similarity_threshold
+        self.filter.max_skip_frames = new.max_skip_frames
+        if old.similarity_filter and not new.similarity_filter:
+            self.filter.reset()
 
     def reset(self) -> None:
         """Forget in-flight frames (a new scene): the next frames warm the pipeline up again."""
@@ -204,7 +213,7 @@ class StreamDiffusion:
             eps_uncond, eps_cond = eps.chunk(2)
         else:
             if cfg == "initialize":  # the real negative pass on the new frames refreshes their stock noise
-                self._stock[:f] = eps[:f]
+                self._stock = torch.cat([eps[:f], self._stock[f:]])
                 eps = eps[f:]
             eps_cond, eps_uncond = eps, self.config.delta * self._stock
         return eps_uncond + self.config.guidance_scale * (eps_cond - eps_uncond)
@@ -245,48 +254,43 @@ class StreamDiffusion:
 
     # ------------------------------------------------------------- state set-up
 
-    def _set_schedule(self) -> None:
-        config = self.config
+    def _schedule_state(self, config: StreamConfig) -> dict[str, torch.Tensor]:
         schedule = step_schedule(self.components.scheduler, config.t_index_list, config.num_inference_steps)
         per_row = dict(frames=config.frame_buffer_size, device=self.device, dtype=MATH_DTYPE)
-        self._alpha = schedule.per_row("alpha", **per_row)
-        self._beta = schedule.per_row("beta", **per_row)
-        self._c_skip = schedule.per_row("c_skip", **per_row)
-        self._c_out = schedule.per_row("c_out", **per_row)
         timesteps = schedule.timesteps.repeat_interleave(config.frame_buffer_size).to(self.device)
-        self._unet_timesteps = self._cfg_layout(timesteps)
+        return {"_alpha": schedule.per_row("alpha", **per_row), "_beta": schedule.per_row("beta", **per_row),
+                "_c_skip": schedule.per_row("c_skip", **per_row), "_c_out": schedule.per_row("c_out", **per_row),
+                "_unet_timesteps": self._cfg_layout(timesteps)}
 
-    def _set_noise(self) -> None:
-        """Draw the stream's noise once from the seed (on the CPU, so every device agrees)."""
-        rows = self.steps * self.frames
-        height, width = self.config.latent_size
-        generator = torch.Generator("cpu").manual_seed(self.config.seed)
+    def _noise_state(self, config: StreamConfig) -> dict[str, torch.Tensor]:
+        """The stream's noise, drawn once from the seed (on the CPU, so every device agrees)."""
+        rows = config.denoising_steps * config.frame_buffer_size
+        height, width = config.latent_size
+        generator = torch.Generator("cpu").manual_seed(config.seed)
         shape = (rows, self.components.latent_channels, height, width)
-        self._noise = torch.randn(shape, generator=generator, dtype=MATH_DTYPE).to(self.device)
-        self._stock = self._noise.clone()
+        noise = torch.randn(shape, generator=generator, dtype=MATH_DTYPE).to(self.device)
+        return {"_noise": noise, "_stock": noise.clone()}
 
-    def _set_prompts(self) -> None:
-        cond = self.prompts.encode_weighted(self.config.prompt).to(self.dtype)
-        uncond = self.prompts.encode(self.config.negative_prompt).to(self.dtype)
-        rows, f = self.steps * self.frames, self.frames
+    def _prompt_state(self, config: StreamConfig) -> dict[str, torch.Tensor]:
+        cond = self.prompts.encode_weighted(config.prompt).to(self.dtype)
+        uncond = self.prompts.encode(config.negative_prompt).to(self.dtype)
+        rows, f = config.denoising_steps * config.frame_buffer_size, config.frame_buffer_size
         layouts = {
             "full": [uncond.expand(rows, -1, -1), cond.expand(rows, -1, -1)],
             "initialize": [uncond.expand(f, -1, -1), cond.expand(rows, -1, -1)],
         }
-        self._unet_embeds = torch.cat(layouts.get(self.config.cfg_type, [cond.expand(rows, -1, -1)]))
+        return {"_unet_embeds": torch.cat(layouts.get(config.cfg_type, [cond.expand(rows, -1, -1)]))}
 
-    def _apply_changes(self, old: StreamConfig, new: StreamConfig) -> None:
-        if new.t_index_list != old.t_index_list:
-            self._set_schedule()
+    def _changed_state(self, old: StreamConfig, new: StreamConfig) -> dict[str, torch.Tensor]:
+        """Everything ``new`` needs recomputed, built before any of it is committed."""
+        state: dict[str, torch.Tensor] = {}
+        if new.t_index_list != old.t_index_list or new.num_inference_steps != old.num_inference_steps:
+            state.update(self._schedule_state(new))
         if new.seed != old.seed:
-            self._set_noise()
-            self.filter.reseed(new.seed)
+            state.update(self._noise_state(new))
         if (new.prompt, new.negative_prompt) != (old.prompt, old.negative_prompt):
-            self._set_prompts()
-        self.filter.threshold = new.similarity_threshold
-        self.filter.max_skip_frames = new.max_skip_frames
-        if old.similarity_filter and not new.similarity_filter:
-            self.filter.reset()
+            state.update(self._prompt_state(new))
+        return state
 
     # ------------------------------------------------------------- helpers
 

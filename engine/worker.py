@@ -30,6 +30,7 @@ class Worker:
         self._metrics = metrics
         self._max_batch = max_batch
         self._sessions: list[Session] = []
+        self.reserved = 0  # sessions being opened for this worker (balancing counts them)
         self._next = 0
         self._wake = threading.Condition()
         self._stopping = False
@@ -38,7 +39,7 @@ class Worker:
 
     @property
     def session_count(self) -> int:
-        return len(self._sessions)
+        return len(self._sessions) + self.reserved
 
     @property
     def idle(self) -> bool:
@@ -109,6 +110,6 @@ class Worker:
         for (session, frame), job in zip(taken, jobs):
             if job.error is not None:
                 log.warning("session %s: %s", session.id, job.error)
-                session.failed(frame, job.error)
+                session.failed(frame, job.error, advanced=job.advanced, output_due=job.finished is not None)
             else:
                 session.completed(frame, job.outputs, job.skipped)

@@ -80,3 +80,25 @@ def test_parse_t_index_list() -> None:
     assert parse_t_index_list("0,16, 32,45") == (0, 16, 32, 45)
     with pytest.raises(ValueError, match="comma-separated integers"):
         parse_t_index_list("0;16")
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(t_index_list=None), "t_index_list=None must be a list of integers"),
+    (dict(t_index_list=5), "must be a list of integers"),
+    (dict(t_index_list=[None, 3]), "integers only"),
+    (dict(t_index_list=[32.9, 45.2]), "integers only"),
+    (dict(t_index_list=[float("inf")]), "integers only"),
+    (dict(t_index_list=[True, 2]), "integers only"),
+    (dict(guidance_scale=10**400), "must be a finite number"),
+    (dict(delta="1"), "must be a finite number"),
+    (dict(prompt=[("a", 10**400)]), "must be a string or a list of"),
+])
+def test_odd_types_are_value_errors_too(fields, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        StreamConfig(**fields)
+
+
+def test_numpy_integers_are_fine() -> None:
+    import numpy as np
+
+    assert StreamConfig(t_index_list=np.array([3, 9])).t_index_list == (3, 9)

@@ -106,3 +106,23 @@ def test_local_diffusers_folder_loads_the_same_model(tmp_path) -> None:
     assert type(loaded.scheduler).__name__ == "LCMScheduler"
     custom_vae = load_components(ModelSpec(model=str(tmp_path / "model"), vae=str(tmp_path / "taesd")))
     assert type(custom_vae.vae).__name__ == "AutoencoderTiny"
+
+
+def test_a_hub_that_never_answers_times_out_with_the_same_clear_error(monkeypatch, tmp_path) -> None:
+    import socket
+
+    import engine.models
+    from huggingface_hub import constants
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never says a word
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(engine.models, "HUB_TIMEOUT_S", 1.0)
+        with pytest.raises(ModelUnavailableError, match="could not be downloaded"):
+            load_components(ModelSpec(model="someone/slow-model", cache_dir=str(tmp_path)))
+    finally:
+        silent.close()

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.batch import NonFiniteOutputError
 from engine.config import StreamConfig
+from engine.models import ModelSpec
 from engine.runtime import Engine, EngineConfig
 from engine.session import EngineBusyError, FrameError, SessionClosedError
 from engine.stream import StreamDiffusion
@@ -286,3 +287,80 @@ async def test_round_robin_gives_every_session_its_turn(tiny) -> None:
         histogram = engine.snapshot()["batch_size_histogram"]
     assert set(histogram) == {1}, "max_batch=1: one session per UNet call"
     assert min(counts) >= 5 and max(counts) - min(counts) <= 1, counts
+
+
+async def test_a_failed_decode_names_the_right_frame_and_later_ids_stay_right(tiny, monkeypatch) -> None:
+    import engine.batch
+
+    real_decode, calls = engine.batch.decode_latents, []
+
+    def flaky_decode(vae, latents):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("decoder hiccup")
+        return real_decode(vae, latents)
+
+    monkeypatch.setattr(engine.batch, "decode_latents", flaky_decode)
+    async with Engine(engine_config(), components=tiny) as engine:  # n = 2: frame k leaves at call k + 1
+        session = await engine.open_session()
+        seen = []
+        for k in range(6):
+            done = session.metrics.processed + session.metrics.errors + 1
+            session.submit(frame(k), pts=k)
+            await wait_until(lambda: session.metrics.processed + session.metrics.errors >= done)
+            await asyncio.sleep(0)
+            if session._output is not None:
+                try:
+                    seen.append((await session.next_output()).frame_id)
+                except FrameError as error:
+                    seen.append(f"error {error.frame_id}")
+    assert seen == [0, "error 1", 2, 3, 4]
+
+
+async def test_a_failing_parameter_update_changes_nothing_and_is_reported(tiny, monkeypatch) -> None:
+    async with Engine(engine_config(), components=tiny) as engine:
+        session = await engine.open_session(prompt="a cat")
+        await lockstep(session, [frame(0), frame(1)])
+
+        def broken_encoder(prompt):
+            raise RuntimeError("text encoder out of memory")
+
+        monkeypatch.setattr(session.stream.prompts, "encode_weighted", broken_encoder)
+        session.update(prompt="a dog", guidance_scale=2.0)
+        session.submit(frame(2))
+        with pytest.raises(FrameError, match="text encoder out of memory"):
+            await asyncio.wait_for(session.next_output(), 5)
+        assert session.stream.config.prompt == "a cat" and session.stream.config.guidance_scale == 1.4
+        assert session.config.prompt == "a cat", "the session reports what is really in force"
+        monkeypatch.undo()
+        session.update(prompt="a dog")
+        await lockstep(session, [frame(3)])
+        assert session.stream.config.prompt == "a dog"
+
+
+async def test_updates_made_while_the_worker_applies_one_are_not_lost(tiny) -> None:
+    async with Engine(engine_config(), components=tiny) as engine:
+        session = await engine.open_session()
+        session.update(prompt="a cat")
+        session.submit(frame(0))
+        session.update(guidance_scale=1.9)  # may land while the worker applies the first update
+        await lockstep(session, [frame(1), frame(2)])
+        assert (session.stream.config.prompt, session.stream.config.guidance_scale) == ("a cat", 1.9)
+
+
+async def test_sessions_spread_over_workers_and_none_opens_during_shutdown(tiny) -> None:
+    config = EngineConfig(model=ModelSpec("tiny"), devices=("cpu", "cpu"), max_sessions=8,
+                          stream=StreamConfig(t_index_list=(30,), width=SIZE, height=SIZE, cfg_type="none"))
+    engine = Engine(config)
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.open_session() for _ in range(4)))
+        assert sorted(len(w._sessions) for w in engine._workers) == [2, 2]
+        opening = asyncio.create_task(engine.open_session())
+        await asyncio.sleep(0)
+        await engine.aclose()
+        with pytest.raises(RuntimeError, match="shut down while the session was being opened"):
+            await opening
+        assert engine.sessions() == []
+    finally:
+        await engine.aclose()

@@ -50,6 +50,7 @@ def test_numpy_and_tensor_inputs_agree(tiny) -> None:
     (np.zeros((64, 64, 4), np.uint8), "uint8 H×W×3"),
     (np.zeros((64, 64, 3), np.float32), "uint8 H×W×3"),
     (np.zeros((0, 64, 3), np.uint8), "at least one pixel"),
+    (np.zeros((9000, 2, 3), np.uint8), "too large; at most 8192"),
     (torch.zeros(4, 64, 64), "3×H×W"),
     (torch.zeros(3, 64, 64, dtype=torch.int32), "float in"),
     ("not a frame", "numpy array or a torch tensor"),

@@ -80,3 +80,22 @@ def test_frames_differ_so_the_comparison_means_something(tiny) -> None:
     stream = make_stream(tiny, 2, 1)
     a, b = reference(tiny, stream, frame(1), 0), reference(tiny, stream, frame(2), 0)
     assert (a - b).abs().max() > 10 * ATOL
+
+
+@pytest.mark.parametrize("n,f", [(1, 1), (3, 2)])
+def test_v_prediction_models_equal_sequential_too(tiny, n: int, f: int) -> None:
+    """SD 2.x 768 models predict v; the stream converts to ε (ε = α·v + β·x) before any math."""
+    from dataclasses import replace
+
+    from diffusers import LCMScheduler
+
+    v_model = replace(tiny, scheduler=LCMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction"))
+    stream = make_stream(v_model, n, f)
+    images = [frame(300 + j) for j in range(f)]
+    expected = [reference(v_model, stream, images[j], j) for j in range(f)]
+    plain = reference(tiny, make_stream(tiny, n, f), images[0], 0)
+    assert (expected[0] - plain).abs().max() > 10 * ATOL, "v-prediction really changes the result"
+    for _ in range(n):
+        outputs = stream.img2img(images)
+    for j in range(f):
+        torch.testing.assert_close(outputs[j], expected[j], atol=ATOL, rtol=0)
