@@ -18,6 +18,15 @@ from engine.models import DEFAULT_MODEL, LOAD_STAGES, ModelSpec, ModelUnavailabl
 from engine.presets import PRESETS  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, but not the empty ones (None, off switches) whose help already says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class StartupError(RuntimeError):
     """A problem that stops the server from starting; printed as one line."""
 
@@ -25,7 +34,7 @@ class StartupError(RuntimeError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffcam", description="Live webcam stylizer: your camera, Stable Diffusion img2img, back in real time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL,
                        help="hub id, local diffusers folder, .safetensors file, or a preset: tiny, small "
@@ -36,26 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default=None, help="float16/float32/bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     model.add_argument("--trt", action="store_true", help="run the UNet and VAE as TensorRT engines (NVIDIA GPUs)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
-    stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture")
-    stream.add_argument("--negative-prompt", default="photo, blurry, low quality")
+    stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture",
+                        help="what the camera should become")
+    stream.add_argument("--negative-prompt", default="photo, blurry, low quality", help="what to steer away from")
     stream.add_argument("--width", type=int, default=None, help="output width (default: 512; a preset's own size)")
     stream.add_argument("--height", type=int, default=None, help="output height (default: 512; a preset's own size)")
     steps = stream.add_mutually_exclusive_group()
     steps.add_argument("--strength", type=float, default=None, help="0 keeps the camera image, 1 re-imagines it")
     steps.add_argument("--t-index-list", default="32,45", help="denoising steps out of --num-inference-steps")
     stream.add_argument("--steps", type=int, default=2, help="denoising steps when --strength is given")
-    stream.add_argument("--num-inference-steps", type=int, default=50)
+    stream.add_argument("--num-inference-steps", type=int, default=50, help="length of the LCM schedule")
     stream.add_argument("--cfg-type", default="self", choices=CFG_TYPES, help="residual CFG variant")
     stream.add_argument("--guidance", type=float, default=1.2, help="guidance scale")
     stream.add_argument("--delta", type=float, default=1.0, help="RCFG stock-noise multiplier")
-    stream.add_argument("--seed", type=int, default=2)
+    stream.add_argument("--seed", type=int, default=2, help="seed of the stream's fixed noise")
     stream.add_argument("--similarity-filter", action="store_true", help="skip near-duplicate camera frames")
-    stream.add_argument("--similarity-threshold", type=float, default=0.98)
+    stream.add_argument("--similarity-threshold", type=float, default=0.98, help="cosine similarity above which frames may be skipped")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to your network)")
-    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--port", type=int, default=7860, help="port to listen on")
     server.add_argument("--max-sessions", type=int, default=4, help="concurrent camera streams; more get 'busy'")
     server.add_argument("--idle-timeout", type=float, default=30.0, help="seconds before an abandoned stream is freed")
+    server.add_argument("--share", action="store_true",
+                        help="also open a public link through Gradio's share servers (needs internet)")
     server.add_argument("--auth", default=None, metavar="USER:PASS", help="protect the page and /offer")
     server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
     server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")

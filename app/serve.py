@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 
 import uvicorn
@@ -38,6 +39,20 @@ def load_styles() -> list[dict]:
     return json.loads((ASSETS / "styles.json").read_text("utf-8"))
 
 
+def open_share_link(host: str, port: int) -> str | None:
+    """A public https link through Gradio's share servers (needs internet); None with a message if not."""
+    from gradio.networking import setup_tunnel
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    try:
+        return setup_tunnel(local, port, secrets.token_urlsafe(32), None, None)
+    except Exception as error:  # noqa: BLE001 - any failure means no link: say so and stop
+        print(f"diffcam: --share could not open a public link ({type(error).__name__}: {error}); it needs "
+              "internet access to Gradio's share servers. Without it, use --host 0.0.0.0 on your network.",
+              file=sys.stderr)
+        return None
+
+
 def serve(args: argparse.Namespace, components: Components, config: StreamConfig) -> int:
     auth = parse_auth(args.auth) if args.auth else None
     app, _ = build_app(components, config, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
@@ -49,10 +64,18 @@ def serve(args: argparse.Namespace, components: Components, config: StreamConfig
     if host in ("0.0.0.0", "::"):
         print("  listening on every network interface: anyone who can reach this machine can use the camera page"
               + ("" if auth else " (consider --auth USER:PASS)"), file=sys.stderr)
+    if args.share:
+        link = open_share_link(host, args.port)
+        if link is None:
+            return 2
+        print(f"public link: {link}" + ("" if auth else "  (anyone with the link can use it: consider --auth)"))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=SHUTDOWN_SECONDS))
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl+C
+        print("stopped")
+        return 0
     except OSError as error:  # e.g. the port is taken
         print(f"diffcam: cannot listen on {host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import uvicorn
 from app.serve import build_app
 from engine.config import StreamConfig
 from engine.synthetic import moving_frame
-from tests.webrtc_client import Client, SyntheticCamera
+from app.client import Client, SyntheticCamera
 
 SIZE = 128
 CONFIG = StreamConfig(t_index_list=(32, 45), width=SIZE, height=SIZE, cfg_type="self", guidance_scale=1.2,

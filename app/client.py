@@ -1,9 +1,14 @@
-"""A real aiortc client for tests and benchmarks: a synthetic camera in, stylized frames out."""
+"""A headless diffcam client (aiortc): sends a camera track to ``/offer``, collects the stylized frames.
+
+Used by the tests and the app benchmark; it is also the shape of any headless use (a
+recorder, a relay): anything that can make a WebRTC offer can use diffcam.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import json
 
 import av
@@ -12,18 +17,36 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+VIDEO_CLOCK = fractions.Fraction(1, 90000)
+SENT_HISTORY = 10_000  # frames whose send time is remembered
+
 
 class SyntheticCamera(VideoStreamTrack):
-    """Plays ``frames`` (uint8 RGB) in a loop at 30 fps with proper timestamps."""
+    """Plays ``frames`` (uint8 RGB) in a loop at ``fps`` on a fixed schedule, remembering when each pts left."""
 
-    def __init__(self, frames: list[np.ndarray]) -> None:
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
         super().__init__()
-        self.frames, self.index = frames, 0
+        self.frames, self.fps, self.index = frames, fps, 0
+        self.sent_at: dict[int, float] = {}
+        self._start: float | None = None
+
+    def sent_index_at(self, index: int) -> float | None:
+        """When frame ``index`` left the camera (None if it never did)."""
+        return self.sent_at.get(round(index * 90000 / self.fps))
+
+    def picture(self, index: int) -> np.ndarray:
+        return self.frames[index % len(self.frames)]
 
     async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.frames[self.index % len(self.frames)], format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        due = self._start + self.index / self.fps
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        frame = av.VideoFrame.from_ndarray(self.picture(self.index), format="rgb24")
+        frame.pts, frame.time_base = round(self.index * 90000 / self.fps), VIDEO_CLOCK
+        self.sent_at[frame.pts] = loop.time()
+        self.sent_at.pop(round((self.index - SENT_HISTORY) * 90000 / self.fps), None)  # bounded memory
         self.index += 1
         return frame
 
@@ -35,6 +58,7 @@ class Client:
         self.pc = RTCPeerConnection()
         self.pc.addTrack(camera)
         self.channel = self.pc.createDataChannel("control")
+        self.camera = camera
         self.frames: list[np.ndarray] = []
         self.arrivals: list[float] = []
         self.messages: list[dict] = []

@@ -1,0 +1,181 @@
+"""App benchmark: ``python -m app.bench --json out.json``.
+
+Two measurements, each alternating app windows (a real aiortc client streaming to the
+server over loopback WebRTC) with runtime-alone windows (the same engine fed directly):
+
+- transport ceiling: the ``null`` model (no model work, see :mod:`engine.null_model`) at
+  512×512 — fps through decode → engine plumbing → encode, and the glass-to-glass latency
+  read from a frame-index barcode that survives the null model;
+- the ``small`` preset at 256×256: app fps versus runtime fps, and latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import numpy as np
+import uvicorn
+
+from app.client import Client, SyntheticCamera
+from app.serve import build_app
+from engine.bench import environment, write_json
+from engine.bench_runtime import StreamStats, runtime_window
+from engine.config import StreamConfig
+from engine.models import ModelSpec, load_components
+from engine.null_model import build_null
+from engine.quiet import quiet_libraries
+from engine.runtime import Engine, EngineConfig
+from engine.synthetic import moving_frames
+
+BITS = 16
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ceiling-size", type=int, default=512)
+    parser.add_argument("--ceiling-fps", type=float, default=90.0, help="frames/s the client offers for the ceiling")
+    parser.add_argument("--model", default="small", help="preset for the app-vs-runtime measurement")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--t-index-list", default="0,16,32,45")
+    parser.add_argument("--offer-fps", type=float, default=30.0)
+    parser.add_argument("--window", type=float, default=8.0, help="seconds per measured window")
+    parser.add_argument("--rounds", type=int, default=2, help="app/runtime window pairs per measurement")
+    parser.add_argument("--skip-ceiling", action="store_true", help="only the app-vs-runtime measurement")
+    parser.add_argument("--json", default=None)
+    return parser.parse_args(argv)
+
+
+class BarcodeCamera(SyntheticCamera):
+    """Stamps each frame's index as a row of black/white cells across the top."""
+
+    def picture(self, index: int) -> np.ndarray:
+        frame = self.frames[index % len(self.frames)].copy()
+        cell = frame.shape[1] // BITS
+        for bit in range(BITS):
+            frame[:cell, bit * cell:(bit + 1) * cell] = 255 if (index >> bit) & 1 else 0
+        return frame
+
+
+def read_barcode(frame: np.ndarray) -> int:
+    cell = frame.shape[1] // BITS
+    centre = frame[cell // 2, cell // 2::cell][:BITS].mean(axis=-1)
+    return int(sum(1 << bit for bit, value in enumerate(centre) if value > 127))
+
+
+async def app_window(components, config: StreamConfig, fps: float, warmup: float, seconds: float,
+                     barcode: bool) -> dict:
+    app, engine = build_app(components, config, max_sessions=1, idle_timeout=30)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = moving_frames(30, config.height, config.width)
+    camera = (BarcodeCamera if barcode else SyntheticCamera)(base, fps)
+    client = Client(camera)
+    try:
+        response = await client.connect(f"http://127.0.0.1:{port}")
+        response.raise_for_status()
+        await asyncio.sleep(warmup)
+        start_count = len(client.frames)
+        await asyncio.sleep(seconds)
+        received = client.frames[start_count:]
+        arrivals = client.arrivals[start_count:start_count + len(received)]
+        session = engine.snapshot()["sessions"]
+        server_latency = next(iter(session.values()))["latency_ms"] if session else {}
+    finally:
+        await client.close()
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
+    result = {"fps": len(received) / seconds,
+              "server_latency_ms_p50": server_latency.get("p50")}
+    if barcode:
+        latencies = [arrival - camera.sent_index_at(read_barcode(frame))
+                     for frame, arrival in zip(received, arrivals) if camera.sent_index_at(read_barcode(frame))]
+        result["latencies"] = latencies
+    return result
+
+
+async def runtime_alone(components, config: StreamConfig, fps: float, warmup: float, seconds: float) -> dict:
+    async with Engine(EngineConfig(stream=config, max_sessions=1), components=components) as engine:
+        session = await engine.open_session()
+        frames = [moving_frames(30, config.height, config.width)]
+        stats, _ = await runtime_window(engine, [session], frames, fps, warmup, seconds)
+    st: StreamStats = stats[0]
+    return {"fps": st.outputs / seconds, "latencies": st.latencies}
+
+
+async def measure(components, config: StreamConfig, fps: float, args: argparse.Namespace, barcode: bool) -> dict:
+    app_fps, runtime_fps, app_lat, runtime_lat, server_lat = [], [], [], [], []
+    for round_index in range(args.rounds):
+        warmup = 3.0 if round_index == 0 else 2.0
+        app = await app_window(components, config, fps, warmup, args.window, barcode)
+        alone = await runtime_alone(components, config, fps, warmup, args.window)
+        print(f"  round {round_index + 1}: app {app['fps']:.1f} fps, runtime {alone['fps']:.1f} fps", file=sys.stderr)
+        app_fps.append(app["fps"])
+        runtime_fps.append(alone["fps"])
+        app_lat += app.get("latencies", [])
+        runtime_lat += alone["latencies"]
+        server_lat.append(app["server_latency_ms_p50"])
+    result = {"app_fps": float(np.mean(app_fps)), "runtime_fps": float(np.mean(runtime_fps)),
+              "runtime_latency_ms_p50": _p(runtime_lat, 50), "runtime_latency_ms_p95": _p(runtime_lat, 95),
+              "app_server_latency_ms_p50": float(np.mean([x for x in server_lat if x is not None] or [0]))}
+    result["app_over_runtime"] = result["app_fps"] / result["runtime_fps"]
+    if barcode:
+        result["glass_to_glass_ms_p50"] = _p(app_lat, 50)
+        result["glass_to_glass_ms_p95"] = _p(app_lat, 95)
+        result["added_latency_ms_p50"] = result["glass_to_glass_ms_p50"] - result["runtime_latency_ms_p50"]
+    return result
+
+
+def _p(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.array(values) * 1000, q)) if values else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    from engine.config import parse_t_index_list
+
+    null = build_null()
+    ceiling_config = StreamConfig(t_index_list=(49,), width=args.ceiling_size, height=args.ceiling_size,
+                                  cfg_type="none", prompt="")
+    ceiling = None
+    if not args.skip_ceiling:
+        print(f"transport ceiling: null model at {args.ceiling_size}², {args.ceiling_fps:.0f} fps offered",
+              file=sys.stderr)
+        ceiling = asyncio.run(measure(null, ceiling_config, args.ceiling_fps, args, barcode=True))
+    model = load_components(ModelSpec(model=args.model))
+    model_config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=args.size,
+                                height=args.size, cfg_type="none", prompt="a watercolor painting")
+    print(f"app vs runtime: {args.model} at {args.size}², {args.offer_fps:.0f} fps offered", file=sys.stderr)
+    with_model = asyncio.run(measure(model, model_config, args.offer_fps, args, barcode=False))
+    summary = {"transport_ceiling": ceiling and {**ceiling, "size": args.ceiling_size, "offered_fps": args.ceiling_fps},
+               "model": {**with_model, "preset": args.model, "size": args.size, "offered_fps": args.offer_fps,
+                         "t_index_list": args.t_index_list},
+               "window_s": args.window, "rounds": args.rounds, "environment": environment(model.device)}
+    print_table(summary)
+    write_json(args.json, summary)
+    return 0
+
+
+def print_table(summary: dict) -> None:
+    c, m = summary["transport_ceiling"], summary["model"]
+    if c:
+        print(f"\ntransport ceiling (null model, {c['size']}x{c['size']}, {c['offered_fps']:.0f} fps offered)")
+        print(f"  app {c['app_fps']:.1f} fps (runtime alone {c['runtime_fps']:.1f}); glass-to-glass p50/p95 "
+              f"{c['glass_to_glass_ms_p50']:.0f}/{c['glass_to_glass_ms_p95']:.0f} ms, "
+              f"added over runtime p50 {c['added_latency_ms_p50']:.0f} ms")
+    print(f"{m['preset']} ({m['size']}x{m['size']}, t_index_list={m['t_index_list']}, {m['offered_fps']:.0f} fps offered)")
+    print(f"  app {m['app_fps']:.2f} fps, runtime alone {m['runtime_fps']:.2f} fps, app/runtime {m['app_over_runtime']:.2f}; "
+          f"latency in the server p50 {m['app_server_latency_ms_p50']:.0f} ms vs runtime alone "
+          f"{m['runtime_latency_ms_p50']:.0f} ms")
+    env = summary["environment"]
+    print(f"torch {env['torch']} on {env['device']}, {env['threads']} threads")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`python app/main.py`: help, one-line start-up errors, and the real entry point serving the page."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import main as app_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_documents_every_flag_with_its_default(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        app_main.main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--trt", "--prompt", "--host", "--port", "--width", "--height", "--strength",
+                 "--t-index-list", "--cfg-type", "--max-sessions", "--auth", "--share", "--device", "--codec",
+                 "--bitrate"):
+        assert flag in text, flag
+    assert "(default: 127.0.0.1)" in text and "(default: 7860)" in text and "(default: stabilityai/sd" in text
+    assert "(default: None)" not in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tiny", "--width", "100"], "width=100 must be a multiple of 8"),
+    (["--model", "tiny", "--port", "0"], "--port 0 is out of range"),
+    (["--model", "tiny", "--auth", "nopassword"], "--auth must be USER:PASS"),
+    (["--model", "tiny", "--strength", "3"], "strength=3.0 is out of range"),
+    (["--model", "tiny", "--trt"], "--trt needs"),
+    (["--model", "/no/such/model.safetensors"], "does not exist"),
+])
+def test_bad_values_exit_2_with_one_line(argv, message, capsys) -> None:
+    assert app_main.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("diffcam: ") and message in err, err
+
+
+def test_offline_default_model_points_to_the_tiny_model(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-diffcam-cache")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent-diffcam-cache")
+    assert app_main.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'stabilityai/sd-turbo'" in err and "--model tiny" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_entry_script_serves_the_page_and_stops_cleanly() -> None:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "app/main.py", "--model", "tiny", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=10).json()
+        assert "diffcam-start" in str(config) and "window.diffcam" in config.get("head", "")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode == 0, output
+    assert "random weights" in output and f"open http://127.0.0.1:{port}" in output
