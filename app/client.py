@@ -120,3 +120,76 @@ class Client:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+BITS = 16
+
+
+class BarcodeCamera(SyntheticCamera):
+    """Stamps each frame's index as a row of black/white cells across the top (see :func:`read_barcode`).
+
+    Through a model that keeps the picture (the ``null`` model) the index comes back, which
+    gives exact glass-to-glass latency: arrival time minus when that index left the camera.
+    """
+
+    def picture(self, index: int) -> np.ndarray:
+        frame = self.frames[index % len(self.frames)].copy()
+        cell = frame.shape[1] // BITS
+        for bit in range(BITS):
+            frame[:cell, bit * cell:(bit + 1) * cell] = 255 if (index >> bit) & 1 else 0
+        return frame
+
+
+def read_barcode(frame: np.ndarray) -> int:
+    cell = frame.shape[1] // BITS
+    centre = frame[cell // 2, cell // 2::cell][:BITS].mean(axis=-1)
+    return int(sum(1 << bit for bit, value in enumerate(centre) if value > 127))
+
+
+async def run(url: str, fps: float, size: int, warmup: float, seconds: float, barcode: bool) -> dict:
+    """Stream a synthetic camera to ``url`` and report what came back in the measured window."""
+    from engine.synthetic import moving_frames
+
+    camera = (BarcodeCamera if barcode else SyntheticCamera)(moving_frames(30, size, size), fps)
+    client = Client(camera)
+    try:
+        response = await client.connect(url)
+        if response.status_code != 200:
+            return {"error": f"{response.status_code}: {response.text}"}
+        await asyncio.sleep(warmup)
+        first = len(client.frames)
+        await asyncio.sleep(seconds)
+        received, arrivals = client.frames[first:], client.arrivals[first:]
+    finally:
+        await client.close()
+    result: dict = {"frames": len(received), "fps": len(received) / seconds}
+    if barcode:
+        sent = [camera.sent_index_at(read_barcode(frame)) for frame in received]
+        result["latencies"] = [a - s for a, s in zip(arrivals, sent) if s is not None and a >= s]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m app.client",
+                                     description="Stream a synthetic camera to a diffcam server; report fps.")
+    parser.add_argument("--url", default="http://127.0.0.1:7860", help="the diffcam server")
+    parser.add_argument("--fps", type=float, default=30.0, help="frames/s the camera offers")
+    parser.add_argument("--size", type=int, default=512, help="square camera frame size")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds measured")
+    parser.add_argument("--barcode", action="store_true", help="stamp frame indices to measure latency")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args.url, args.fps, args.size, args.warmup, args.seconds, args.barcode))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    print(f"{result.get('fps', 0):.1f} frames/s back" if "error" not in result else result["error"])
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

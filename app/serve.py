@@ -24,11 +24,11 @@ SHUTDOWN_SECONDS = 5
 
 def build_app(components: Components, config: StreamConfig, *, max_sessions: int = 4, idle_timeout: float = 30.0,
               auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
-              random_weights: bool = False) -> tuple[FastAPI, Engine]:
+              random_weights: bool = False, input_timeout: float = 5.0) -> tuple[FastAPI, Engine]:
     """The whole application around already-loaded ``components``."""
     engine = Engine(EngineConfig(stream=config, max_sessions=max_sessions, idle_timeout=idle_timeout,
                                  shutdown_timeout=SHUTDOWN_SECONDS), components=components)
-    peers = PeerManager(engine, video)
+    peers = PeerManager(engine, video, input_timeout)
     app = create_app(engine, peers, auth=auth)
     mount_ui(app, config, load_styles(), random_weights=random_weights)
     return app, engine

@@ -83,8 +83,9 @@ class StylizedTrack(MediaStreamTrack):
 class Peer:
     """One browser connection: its peer connection, engine session and the tasks it owns."""
 
-    def __init__(self, pc: RTCPeerConnection, session: Session, on_closed) -> None:
+    def __init__(self, pc: RTCPeerConnection, session: Session, on_closed, input_timeout: float = 5.0) -> None:
         self.pc = pc
+        self.input_timeout = input_timeout
         self.session = session
         self.channel = None
         self._tasks: set[asyncio.Task] = set()
@@ -107,16 +108,16 @@ class Peer:
         self.spawn(self._feed(newest), "feed")
 
     async def _feed(self, track: MediaStreamTrack) -> None:
-        """Submit every newest camera frame to the engine (the conversion is cheap; the model is not here)."""
+        """Submit every newest camera frame to the engine; it converts to RGB only the frames it takes."""
         while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
+            try:  # a camera that stops (tab gone, network lost) ends the peer long before ICE gives up
+                frame = await asyncio.wait_for(track.recv(), self.input_timeout)
+            except (MediaStreamError, asyncio.TimeoutError):
                 await self.close()
                 return
             pts = int(frame.pts * frame.time_base / VIDEO_CLOCK) if frame.pts is not None else None
             try:
-                self.session.submit(frame.to_ndarray(format="rgb24"), pts=pts)
+                self.session.submit(frame, pts=pts)
             except SessionClosedError:
                 await self.close()
                 return
@@ -170,9 +171,10 @@ class Peer:
 class PeerManager:
     """Answers offers and owns every live peer; ``close()`` ends them all."""
 
-    def __init__(self, engine: Engine, video: VideoOptions = VideoOptions()) -> None:
+    def __init__(self, engine: Engine, video: VideoOptions = VideoOptions(), input_timeout: float = 5.0) -> None:
         self.engine = engine
         self.video = video
+        self.input_timeout = input_timeout
         self.peers: set[Peer] = set()
         video.apply()
 
@@ -181,7 +183,7 @@ class PeerManager:
         check_offer(sdp, kind)
         session = await self.engine.open_session()
         pc = RTCPeerConnection()
-        peer = Peer(pc, session, self.peers.discard)
+        peer = Peer(pc, session, self.peers.discard, self.input_timeout)
         self.peers.add(peer)
         try:
             await self._negotiate(peer, sdp)

@@ -1,7 +1,9 @@
 """Frames in and out of the model: any size in, the configured size out.
 
-Accepted frames: ``uint8`` numpy arrays ``H×W×3`` (RGB), or torch tensors ``3×H×W`` /
-``1×3×H×W`` (float in [0, 1], or uint8). Size policy: centre-crop to the target aspect ratio,
+Accepted frames: ``uint8`` numpy arrays ``H×W×3`` (RGB), torch tensors ``3×H×W`` /
+``1×3×H×W`` (float in [0, 1], or uint8), or decoded video frames with
+``to_ndarray(format="rgb24")`` (PyAV's ``VideoFrame``), converted only when a worker takes
+them, so frames dropped for newer ones never pay for colour conversion. Size policy: centre-crop to the target aspect ratio,
 then resize to exactly ``width×height`` (bilinear, antialiased when shrinking). Outputs come
 back in the kind that came in: a uint8 ``H×W×3`` array for an array, a float ``3×H×W`` tensor
 in [0, 1] for a tensor.
@@ -20,7 +22,7 @@ FrameKind = Literal["np", "pt"]
 
 
 def frame_kind(frame: Frame) -> FrameKind:
-    if isinstance(frame, np.ndarray):
+    if isinstance(frame, np.ndarray) or _is_video_frame(frame):
         return "np"
     if isinstance(frame, torch.Tensor):
         return "pt"
@@ -33,7 +35,7 @@ MAX_FRAME_SIDE = 8192
 def to_chw(frame: Frame, device: torch.device) -> torch.Tensor:
     """One frame as a ``3×H×W`` tensor on ``device``, still uint8 when it came as uint8 (cheap to crop)."""
     if frame_kind(frame) == "np":
-        array = np.asarray(frame)
+        array = frame.to_ndarray(format="rgb24") if _is_video_frame(frame) else np.asarray(frame)
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise ValueError(f"a numpy frame must be uint8 H×W×3 RGB, got {array.dtype} {array.shape}")
         _check_size(array.shape[0], array.shape[1])
@@ -80,6 +82,10 @@ def postprocess(images: torch.Tensor, kind: FrameKind) -> list[Frame]:
         return list(unit.unbind(0))
     as_uint8 = unit.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return list(as_uint8)
+
+
+def _is_video_frame(frame: object) -> bool:
+    return callable(getattr(frame, "to_ndarray", None)) and not isinstance(frame, (np.ndarray, torch.Tensor))
 
 
 def _check_size(height: int, width: int) -> None:

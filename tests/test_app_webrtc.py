@@ -28,7 +28,8 @@ class RunningApp:
 async def running(tiny, request):
     options = getattr(request, "param", {})
     app, engine = build_app(tiny, CONFIG, max_sessions=options.get("max_sessions", 2), idle_timeout=10,
-                            auth=options.get("auth"), random_weights=True)
+                            auth=options.get("auth"), random_weights=True,
+                            input_timeout=options.get("input_timeout", 5.0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -163,5 +164,29 @@ async def test_auth_protects_the_page_and_offer_but_not_healthz(running) -> None
     try:
         assert (await client.connect(running.url, auth=("ada", "lovelace"))).status_code == 200
         await client.wait_frames(3)
+    finally:
+        await client.close()
+
+
+class VanishingCamera(SyntheticCamera):
+    """Sends a few frames, then nothing, without closing anything: a crashed tab."""
+
+    async def recv(self):
+        if self.index >= 10:
+            await asyncio.sleep(3600)
+        return await super().recv()
+
+
+@pytest.mark.parametrize("running", [{"input_timeout": 1.0}], indirect=True)
+async def test_a_client_that_vanishes_is_freed_within_seconds(running) -> None:
+    client = Client(VanishingCamera([moving_frame(1, 240, 320)]))
+    try:
+        await client.connect(running.url)
+        await client.wait_frames(2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 8
+        while running.engine.snapshot()["sessions_active"]:
+            assert loop.time() < deadline, "a vanished client's session must not linger"
+            await asyncio.sleep(0.1)
     finally:
         await client.close()

@@ -147,3 +147,13 @@ def test_different_prompts_give_different_outputs(tiny) -> None:
     frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     a, b = warm_output(stream(tiny, prompt="sunset"), frame), warm_output(stream(tiny, prompt="sunrise"), frame)
     assert (a - b).abs().max() > 1e-3
+
+
+def test_decoded_video_frames_are_accepted_and_come_back_as_arrays(tiny) -> None:
+    import av
+
+    picture = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    video_frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+    from_video = warm_output(stream(tiny), video_frame)
+    from_array = warm_output(stream(tiny), video_frame.to_ndarray(format="rgb24"))
+    assert isinstance(from_video, np.ndarray) and np.array_equal(from_video, from_array)
