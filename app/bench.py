@@ -162,19 +162,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(summary: dict) -> None:
+    """One row per measurement: fps through the app and the runtime alone, and where latency goes."""
+    rows = []
     c, m = summary["transport_ceiling"], summary["model"]
     if c:
-        print(f"\ntransport ceiling (null model, {c['size']}x{c['size']}, {c['offered_fps']:.0f} fps offered)")
-        print(f"  app {c['app_fps']:.1f} fps (runtime alone {c['runtime_fps']:.1f}); glass-to-glass p50/p95 "
-              f"{c['glass_to_glass_ms_p50']:.0f}/{c['glass_to_glass_ms_p95']:.0f} ms, "
-              f"added over runtime p50 {c['added_latency_ms_p50']:.0f} ms")
-    print(f"{m['preset']} ({m['size']}x{m['size']}, t_index_list={m['t_index_list']}, {m['offered_fps']:.0f} fps offered)")
-    print(f"  app {m['app_fps']:.2f} fps, runtime alone {m['runtime_fps']:.2f} fps, app/runtime {m['app_over_runtime']:.2f}; "
-          f"latency in the server p50 {m['app_server_latency_ms_p50']:.0f} ms vs runtime alone "
-          f"{m['runtime_latency_ms_p50']:.0f} ms")
+        rows.append((f"null {c['size']}² @{c['offered_fps']:.0f}", c["app_fps"], c["runtime_fps"],
+                     c["app_over_runtime"], c["app_server_latency_ms_p50"], c["runtime_latency_ms_p50"],
+                     c["glass_to_glass_ms_p50"]))
+    rows.append((f"{m['preset']} {m['size']}² @{m['offered_fps']:.0f}", m["app_fps"], m["runtime_fps"],
+                 m["app_over_runtime"], m["app_server_latency_ms_p50"], m["runtime_latency_ms_p50"], None))
+    header = ("model, offered fps", "app fps", "runtime fps", "app÷rt", "server p50 ms", "runtime p50 ms",
+              "glass p50 ms")
+    print("\n" + "  ".join(f"{h:>14}" if i else f"{h:<22}" for i, h in enumerate(header)))
+    for name, *values in rows:
+        cells = [f"{v:>14.2f}" if i < 3 else f"{'-' if v is None else f'{v:.0f}':>14}" for i, v in enumerate(values)]
+        print(f"{name:<22}  " + "  ".join(cells))
     env = summary["environment"]
-    print(f"torch {env['torch']} on {env['device']}, {env['threads']} threads")
-
+    print(f"torch {env['torch']} on {env['device']}, {env['threads']} threads; server p50: submit to output "
+          "inside the app; glass: camera to client screen (barcoded frames)")
 
 if __name__ == "__main__":
     sys.exit(main())
