@@ -14,7 +14,8 @@ if __package__ in (None, ""):  # run as `python app/main.py`: import the project
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a camera app
 
 from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_to_t_index_list  # noqa: E402
-from engine.models import DEFAULT_MODEL, LOAD_STAGES, ModelSpec, ModelUnavailableError  # noqa: E402
+from engine.cli import add_model_arguments, model_spec  # noqa: E402
+from engine.models import LOAD_STAGES, ModelUnavailableError  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 
 
@@ -36,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffcam", description="Live webcam stylizer: your camera, Stable Diffusion img2img, back in real time.",
         formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL,
-                       help="hub id, local diffusers folder, .safetensors file, or a preset: tiny, small "
-                            "(random weights, for trying things offline)")
-    model.add_argument("--vae", default="tiny", help="tiny (TAESD), full (the model's own), or a TAESD id/folder")
-    model.add_argument("--lcm-lora", default="auto", help="auto, none, or an LCM-LoRA id/path for SD 1.x models")
-    model.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    model.add_argument("--dtype", default=None, help="float16/float32/bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    add_model_arguments(model)
     model.add_argument("--trt", action="store_true", help="run the UNet and VAE as TensorRT engines (NVIDIA GPUs)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
     stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture",
@@ -101,17 +96,24 @@ def check_server_args(args: argparse.Namespace) -> None:
 
 
 def check_trt() -> None:
-    """The TensorRT backend needs CUDA and TensorRT; say exactly what is missing."""
-    import torch
+    """The TensorRT backend needs CUDA and TensorRT 10+; say exactly what is missing, before loading anything."""
+    from trt_build.pipeline import tensorrt_missing
 
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU visible to torch (install the CUDA build of torch on an NVIDIA machine)")
-    if importlib.util.find_spec("tensorrt") is None:
-        missing.append("TensorRT (pip install -e '.[trt]' on a machine with NVIDIA's TensorRT wheels)")
-    if missing:
-        raise StartupError("--trt needs " + " and ".join(missing))
-    raise StartupError("--trt: the TensorRT backend is not built into this version yet; run without --trt")
+    missing = tensorrt_missing()
+    if missing is not None:
+        raise StartupError(f"--trt needs {missing}")
+
+
+def accelerate(components, config: StreamConfig, args: argparse.Namespace):
+    """The UNet and VAE as TensorRT engines: from the cache, or exported and built now (minutes, once)."""
+    from engine.runtime import EngineConfig
+    from trt_build.pipeline import BuildPlan, accelerate as build_and_load
+    from trt_build.shapes import ShapeProfile
+
+    sessions_per_call = min(args.max_sessions, EngineConfig(stream=config).max_batch)
+    plan = BuildPlan(components, ShapeProfile.for_stream(config, sessions_per_call), model=args.model,
+                     lora=args.lcm_lora)
+    return build_and_load(plan, progress=lambda stage: print(f"  TensorRT: {stage}", file=sys.stderr, flush=True))
 
 
 def load(args: argparse.Namespace):
@@ -121,7 +123,7 @@ def load(args: argparse.Namespace):
     from engine.quiet import quiet_libraries
 
     quiet_libraries()
-    spec = ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora, device=args.device, dtype=args.dtype)
+    spec = model_spec(args)
     with tqdm(total=len(LOAD_STAGES), desc=f"loading {args.model}", unit="stage", file=sys.stderr) as bar:
         return load_components(spec, progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
 
@@ -129,7 +131,7 @@ def load(args: argparse.Namespace):
 def describe(components, config: StreamConfig, args: argparse.Namespace) -> str:
     weights = " (random weights: the pictures are abstract)" if args.model in PRESETS else ""
     return (f"model {components.name}{weights}\n"
-            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend torch, "
+            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {'trt' if args.trt else 'torch'}, "
             f"{config.width}x{config.height}, t_index_list={list(config.t_index_list)} "
             f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {args.max_sessions} streams")
 
@@ -142,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.trt:
             check_trt()
         components = load(args)
+        components, unet = accelerate(components, config, args) if args.trt else (components, None)
     except (ValueError, StartupError, ModelUnavailableError) as error:
         print(f"diffcam: {error}", file=sys.stderr)
         return 2
     print(describe(components, config, args))
     from app.serve import serve
 
-    return serve(args, components, config)
+    return serve(args, components, config, unet)
 
 
 if __name__ == "__main__":

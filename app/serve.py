@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app.server import create_app, parse_auth
 from app.ui import mount_ui
 from app.webrtc import PeerManager, VideoOptions
+from engine.backends import UNetFn
 from engine.components import Components
 from engine.config import StreamConfig
 from engine.presets import PRESETS
@@ -24,10 +25,11 @@ SHUTDOWN_SECONDS = 5
 
 def build_app(components: Components, config: StreamConfig, *, max_sessions: int = 4, idle_timeout: float = 30.0,
               auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
-              random_weights: bool = False, input_timeout: float = 5.0) -> tuple[FastAPI, Engine]:
-    """The whole application around already-loaded ``components``."""
+              random_weights: bool = False, input_timeout: float = 5.0,
+              unet: UNetFn | None = None) -> tuple[FastAPI, Engine]:
+    """The whole application around already-loaded ``components`` (and ``unet``, when not torch's own)."""
     engine = Engine(EngineConfig(stream=config, max_sessions=max_sessions, idle_timeout=idle_timeout,
-                                 shutdown_timeout=SHUTDOWN_SECONDS), components=components)
+                                 shutdown_timeout=SHUTDOWN_SECONDS), components=components, unet=unet)
     peers = PeerManager(engine, video, input_timeout)
     app = create_app(engine, peers, auth=auth)
     mount_ui(app, config, load_styles(), random_weights=random_weights)
@@ -53,11 +55,11 @@ def open_share_link(host: str, port: int) -> str | None:
         return None
 
 
-def serve(args: argparse.Namespace, components: Components, config: StreamConfig) -> int:
+def serve(args: argparse.Namespace, components: Components, config: StreamConfig, unet: UNetFn | None = None) -> int:
     auth = parse_auth(args.auth) if args.auth else None
     app, _ = build_app(components, config, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
-                       random_weights=args.model in PRESETS)
+                       random_weights=args.model in PRESETS, unet=unet)
     host = "127.0.0.1" if args.host == "localhost" else args.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"open http://{shown}:{args.port}  (Ctrl+C stops)", flush=True)

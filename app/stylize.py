@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list, strength_to_t_index_list
-from engine.models import DEFAULT_MODEL, ModelSpec, ModelUnavailableError, load_components
+from engine.cli import add_model_arguments, model_spec
+from engine.models import ModelUnavailableError, load_components
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
 
@@ -25,13 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run a video through diffcam's stream-batch img2img and write the stylized video.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, .safetensors file, or a preset: tiny, small")
-    parser.add_argument("--vae", default="tiny", help="tiny (TAESD), full (the model's own), or a TAESD id/folder")
-    parser.add_argument("--lcm-lora", default="auto",
-                        help="auto (fuse LCM-LoRA into SD 1.x models that need it), none, or a LoRA id/path")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="float16/float32/bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    add_model_arguments(parser)
     parser.add_argument("--input", default="synthetic", help="a video file, or 'synthetic' for a generated clip")
     parser.add_argument("--output", default="out/stylized.mp4", help="where to write the result (.mp4 or .avi)")
     parser.add_argument("--frames", type=int, default=120, help="stop after this many input frames")
@@ -114,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = stream_config(args)
         frames, fps = read_frames(args.input, args.frames, args.height, args.width)
-        components = load_components(ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora,
-                                                device=args.device, dtype=args.dtype))
+        components = load_components(model_spec(args))
     except (ValueError, FileNotFoundError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

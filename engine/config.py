@@ -66,6 +66,12 @@ class StreamConfig:
         return len(self.t_index_list)
 
     @property
+    def unet_batch_size(self) -> int:
+        """Rows one stream adds to a UNet call: ``n·f``, doubled for ``full``, plus ``f`` for ``initialize``."""
+        rows = self.denoising_steps * self.frame_buffer_size
+        return {"full": 2 * rows, "initialize": rows + self.frame_buffer_size}.get(self.cfg_type, rows)
+
+    @property
     def latent_size(self) -> tuple[int, int]:
         """``(height, width)`` of the latent (the VAE downsamples by 8)."""
         return self.height // 8, self.width // 8

@@ -69,8 +69,7 @@ class StreamDiffusion:
     @property
     def unet_batch_size(self) -> int:
         """Rows per UNet call: ``n·f``, doubled for ``full``, plus ``f`` for ``initialize``."""
-        rows = self.steps * self.frames
-        return {"full": 2 * rows, "initialize": rows + self.frames}.get(self.config.cfg_type, rows)
+        return self.config.unet_batch_size
 
     @property
     def warming_up(self) -> bool:

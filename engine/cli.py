@@ -1,0 +1,25 @@
+"""Command-line pieces every diffcam command shares: the model flags and the spec they make."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.models import DEFAULT_MODEL, ModelSpec
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--model --vae --lcm-lora --device --dtype``, with the same meaning in every command."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="hub id, local diffusers folder, .safetensors file, or a preset: tiny, small "
+                             "(random weights, for trying things offline)")
+    parser.add_argument("--vae", default="tiny", help="tiny (TAESD), full (the model's own), or a TAESD id/folder")
+    parser.add_argument("--lcm-lora", default="auto",
+                        help="auto (fuse LCM-LoRA into SD 1.x models that need it), none, or a LoRA id/path")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--dtype", default=None,
+                        help="float16/float32/bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The :class:`ModelSpec` the model flags describe."""
+    return ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora, device=args.device, dtype=args.dtype)

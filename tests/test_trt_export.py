@@ -1,0 +1,226 @@
+"""Everything up to the TensorRT build, on the CPU: shapes, ONNX export checked on onnxruntime, clean-up,
+the exported contract driving the real stream, and the engine cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.config import StreamConfig
+from engine.runtime import Engine, EngineConfig
+from engine.stream import StreamDiffusion
+from tests.test_runtime import wait_until
+from trt_build.adapters import EngineUNet, EngineVae
+from trt_build.cache import EngineCache, EngineKey, weights_fingerprint
+from trt_build.check import compare_with_torch
+from trt_build.export import OPSET, export_specs
+from trt_build.pipeline import prepare_onnx
+from trt_build.shapes import Range, ShapeProfile
+
+pytest.importorskip("onnxruntime", reason="needs onnxruntime (test extra)")
+pytest.importorskip("polygraphy", reason="needs polygraphy (test extra)")
+
+CONFIG = StreamConfig(t_index_list=(10, 30, 45), width=64, height=64, cfg_type="self", prompt="a red fox")
+DYNAMIC = ShapeProfile.for_stream(CONFIG, sessions=3, height=Range(32, 64, 96), width=Range(32, 64, 96))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory) -> dict[str, tuple]:
+    folder = tmp_path_factory.mktemp("onnx")
+    specs = export_specs(tiny, DYNAMIC)
+    return {part: (spec, prepare_onnx(spec, folder / f"{part}.onnx", tiny.device)) for part, spec in specs.items()}
+
+
+# ------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize("cfg_type", ["none", "full", "self", "initialize"])
+async def test_the_unet_profile_covers_the_rows_the_runtime_really_sends(tiny, cfg_type) -> None:
+    config = StreamConfig(t_index_list=(20, 40), width=64, height=64, cfg_type=cfg_type)
+    profile = ShapeProfile.for_stream(config, sessions=3)
+    torch_unet, seen, gate = StreamDiffusion(tiny, config).unet, [], threading.Event()
+
+    def gated_unet(sample, timesteps, embeds):  # holds the first call until every session has a frame waiting
+        gate.wait(10)
+        seen.append(sample.shape[0])
+        return torch_unet(sample, timesteps, embeds)
+
+    frame = np.zeros((64, 64, 3), np.uint8)
+    async with Engine(EngineConfig(stream=config, max_sessions=3), components=tiny, unet=gated_unet) as engine:
+        sessions = [await engine.open_session() for _ in range(3)]
+        sessions[0].submit(frame)
+        await asyncio.sleep(0.5)  # the worker takes it and waits at the gate
+        for session in sessions:
+            session.submit(frame)
+        gate.set()
+        await wait_until(lambda: [s.metrics.processed for s in sessions] == [2, 1, 1])
+    assert seen == [profile.unet_batch.opt, profile.unet_batch.max], (seen, profile)
+
+
+def test_shape_ranges_refuse_what_cannot_work() -> None:
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range(4, 2, 8)
+    with pytest.raises(ValueError, match="positive"):
+        Range(0, 1, 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ShapeProfile.for_stream(CONFIG, height=Range(60, 64, 96))
+    with pytest.raises(ValueError, match="sessions"):
+        ShapeProfile.for_stream(CONFIG, sessions=0)
+    with pytest.raises(ValueError, match="at most 2048"):
+        ShapeProfile.for_stream(CONFIG, width=Range(64, 64, 4096))
+
+
+def test_sizes_the_unet_cannot_downsample_are_refused(tiny) -> None:
+    odd = ShapeProfile.for_stream(StreamConfig(width=72, height=64))  # tiny halves the latent once: 16 px steps
+    with pytest.raises(ValueError, match="width 72 px: this model needs every bound to be a multiple of 16"):
+        export_specs(tiny, odd)
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("part", ["unet", "vae_encoder", "vae_decoder"])
+def test_each_part_matches_torch_on_onnxruntime_across_the_profile(exported, part) -> None:
+    spec, report = exported[part]
+    agreements = compare_with_torch(spec, report.path)
+    assert {a.shape for a in agreements} == {"min", "opt", "max"}
+    for agreement in agreements:
+        assert agreement.output_scale > 0.1, "a zero output would make the comparison meaningless"
+        assert agreement.relative_error < 1e-4, agreement
+
+
+def test_graphs_are_opset_17_with_named_dynamic_axes(exported) -> None:
+    spec, report = exported["unet"]
+    model = onnx.load(str(report.path), load_external_data=False)
+    assert model.opset_import[0].version == OPSET
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert inputs == {"sample": ["batch", 4, "latent_height", "latent_width"], "timestep": ["batch"],
+                      "encoder_hidden_states": ["batch", 77, 32]}
+    assert report.nodes_after < report.nodes_before, "clean-up folds the tracer's shape arithmetic"
+
+
+def test_a_static_profile_gives_static_graphs(tiny, tmp_path) -> None:
+    spec = export_specs(tiny, ShapeProfile.for_stream(CONFIG, sessions=2))["vae_decoder"]  # batch 1..2, 64 px
+    report = prepare_onnx(spec, tmp_path / "decoder.onnx", tiny.device)
+    model = onnx.load(str(report.path))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 4, 8, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx"], "the raw export is removed"
+
+
+def ort_runner(path: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = session.run(outputs, {k: v.detach().cpu().numpy() for k, v in inputs.items()})
+        return {name: torch.from_numpy(array) for name, array in zip(outputs, arrays)}
+
+    return run
+
+
+def test_the_exported_graphs_drive_the_real_stream_like_torch_does(tiny, exported) -> None:
+    """The contract the TensorRT backend relies on: same adapters, graphs run by onnxruntime."""
+    from dataclasses import replace
+
+    vae = EngineVae(ort_runner(exported["vae_encoder"][1].path), ort_runner(exported["vae_decoder"][1].path),
+                    tiny.dtype)
+    onnx_stream = StreamDiffusion(replace(tiny, vae=vae), CONFIG, unet=EngineUNet(ort_runner(exported["unet"][1].path)))
+    torch_stream = StreamDiffusion(tiny, CONFIG)
+    frames = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(k)) for k in range(5)]
+    outputs = [(onnx_stream(f), torch_stream(f)) for f in frames]
+    finished = [(a, b) for a, b in outputs if a is not None]
+    assert len(finished) == 3
+    for from_onnx, from_torch in finished:
+        assert (from_onnx - from_torch).abs().max() < 1e-4
+    assert (finished[0][1] - finished[-1][1]).abs().max() > 1e-2, "the frames differ, so the check means something"
+
+
+# ------------------------------------------------------------------ cache
+
+
+def key(**changes) -> EngineKey:
+    fields = dict(part="unet", model="tiny", weights="abc", lora=None, profile=DYNAMIC, precision="fp16",
+                  tensorrt="10.13.0", compute_capability="9.0", opset=OPSET)
+    return EngineKey(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("change", [
+    {"part": "vae_decoder"}, {"model": "other"}, {"weights": "abd"}, {"lora": "latent-consistency/lcm-lora-sdv1-5"},
+    {"profile": ShapeProfile.for_stream(CONFIG, sessions=4)}, {"precision": "fp32"}, {"tensorrt": "10.14.0"},
+    {"compute_capability": "8.9"}, {"opset": 18},
+])
+def test_every_field_of_the_key_names_another_engine(change) -> None:
+    assert key(**change).digest() != key().digest()
+    assert key().digest() == key().digest()
+
+
+def test_weights_fingerprint_follows_the_weights(tiny) -> None:
+    from engine.presets import build_preset
+
+    assert weights_fingerprint(tiny.unet) == weights_fingerprint(build_preset("tiny").unet)
+    changed = build_preset("tiny").unet
+    with torch.no_grad():
+        changed.conv_in.weight.mul_(1.001)  # what a LoRA fuse or a fine-tune does, at its smallest
+    assert weights_fingerprint(changed) != weights_fingerprint(tiny.unet)
+
+
+def test_the_cache_finds_what_it_stored_and_nothing_else(tmp_path) -> None:
+    cache = EngineCache(tmp_path)
+    assert cache.get(key()) is None
+    built = []
+    path, fresh = cache.get_or_build(key(), lambda target: built.append(target.write_bytes(b"plan")))
+    assert fresh and path.read_bytes() == b"plan"
+    again, fresh = cache.get_or_build(key(), lambda target: built.append(target.write_bytes(b"other")))
+    assert again == path and not fresh and len(built) == 1
+    assert json.loads(path.with_suffix(".json").read_text())["compute_capability"] == "9.0"
+    assert cache.get(key(tensorrt="11.0")) is None
+    path.with_suffix(".json").write_text("{}")  # a sidecar that disagrees: never trust the file
+    assert cache.get(key()) is None
+
+
+def test_a_build_that_fails_leaves_nothing_behind(tmp_path) -> None:
+    def failing(target: Path) -> None:
+        target.write_bytes(b"half an engine")
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        EngineCache(tmp_path).put(key(), failing)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_the_command_exports_and_checks_three_graphs(tmp_path) -> None:
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "trt_build", "--model", "tiny", "--width", "64", "--height", "64", "--onnx-only",
+         "--check", "--out", str(tmp_path / "onnx"), "--json", str(report)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    parts = json.loads(report.read_text())["parts"]
+    assert [p["part"] for p in parts] == ["unet", "vae_encoder", "vae_decoder"]
+    assert all(p["max_relative_error"] < 1e-4 and Path(p["onnx"]).is_file() for p in parts)
+
+
+def test_building_without_tensorrt_says_what_is_missing() -> None:
+    from trt_build.pipeline import tensorrt_missing
+
+    if tensorrt_missing() is None:
+        pytest.skip("TensorRT and a GPU are here: the GPU tests build for real")
+    result = subprocess.run([sys.executable, "-m", "trt_build", "--model", "tiny"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"trt_build: building engines needs {tensorrt_missing()}; --onnx-only exports without them"

@@ -1,0 +1,129 @@
+"""The engine cache: built TensorRT engines on disk, found again by what they were built from.
+
+An engine is only valid for the weights, shapes, precision, TensorRT version and GPU it was
+built for, and a stale one fails in the worst way: it loads and gives wrong pictures, or it
+refuses to deserialize after a driver upgrade. So the cache key holds all of them, and the
+weights enter as a fingerprint of the loaded tensors (a fused LoRA or a fine-tune changes it),
+not as a name that could point at other weights tomorrow.
+
+Layout: ``<root>/<part>-<digest>.plan`` with ``<part>-<digest>.json`` beside it holding the
+key in full (for people, and to refuse a file whose sidecar disagrees). Writes go to a
+temporary file renamed into place, so a build killed half-way leaves nothing to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trt_build.shapes import ShapeProfile
+
+SAMPLES_PER_TENSOR = 4096
+PRECISIONS = ("fp16", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on."""
+
+    part: str                 # unet, vae_encoder, vae_decoder
+    model: str                # hub id, path or preset name, for people
+    weights: str              # weights_fingerprint() of the exported module
+    lora: str | None          # fused LoRA, for people (its effect is in ``weights``)
+    profile: ShapeProfile     # batch and resolution ranges
+    precision: str            # fp16 / fp32 / bf16
+    tensorrt: str             # TensorRT version
+    compute_capability: str   # of the GPU, e.g. "9.0"
+    opset: int
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; allowed: {list(PRECISIONS)}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.part}-{self.digest()}.plan"
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer: name, shape, dtype and an evenly spaced sample of values.
+
+    Exact (raw bytes, no float sums that differ between devices) and cheap (at most
+    ``SAMPLES_PER_TENSOR`` values a tensor, gathered on the tensor's own device).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+        sample = flat[::step][:SAMPLES_PER_TENSOR].contiguous().cpu()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFCAM_CACHE/engines``, else ``$XDG_CACHE_HOME/diffcam/engines``, else ``~/.cache/diffcam/engines``."""
+    if os.environ.get("DIFFCAM_CACHE"):
+        return Path(os.environ["DIFFCAM_CACHE"]).expanduser() / "engines"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "diffcam" / "engines"
+
+
+class EngineCache:
+    """Engines under ``root``, looked up by :class:`EngineKey`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def path(self, key: EngineKey) -> Path:
+        return self.root / key.filename
+
+    def get(self, key: EngineKey) -> Path | None:
+        """The engine built for ``key``, or None (missing, or its sidecar describes another key)."""
+        plan, sidecar = self.path(key), self.path(key).with_suffix(".json")
+        if not (plan.is_file() and sidecar.is_file()):
+            return None
+        try:
+            recorded = json.loads(sidecar.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return plan if recorded == json.loads(json.dumps(key.as_dict(), default=str)) else None
+
+    def put(self, key: EngineKey, write: Callable[[Path], None]) -> Path:
+        """Have ``write`` produce the engine into a temporary file, then move it (and its sidecar) into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        plan = self.path(key)
+        _atomic(plan, write)
+        _atomic(plan.with_suffix(".json"),
+                lambda tmp: tmp.write_text(json.dumps(key.as_dict(), indent=2, default=str), "utf-8"))
+        return plan
+
+    def get_or_build(self, key: EngineKey, build: Callable[[Path], None]) -> tuple[Path, bool]:
+        """The cached engine for ``key``, building it first if needed; True when it was built now."""
+        found = self.get(key)
+        return (found, False) if found is not None else (self.put(key, build), True)
+
+
+def _atomic(target: Path, write: Callable[[Path], object]) -> None:
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)

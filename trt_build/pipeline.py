@@ -1,0 +1,134 @@
+"""From loaded components to TensorRT engines: export, clean, build, cache, load.
+
+    missing = tensorrt_missing()          # None, or what to install
+    plan = BuildPlan(components, ShapeProfile.for_stream(config, sessions=4), model="stabilityai/sd-turbo")
+    components, unet = accelerate(plan)   # VAE halves and UNet now run as engines
+
+An engine found in the cache is loaded without exporting anything; a missing one is
+exported to ONNX under the cache's ``onnx/`` folder, cleaned, built and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.components import Components
+from trt_build.adapters import EngineUNet, EngineVae
+from trt_build.cache import EngineCache, EngineKey, weights_fingerprint
+from trt_build.export import OPSET, PARTS, ExportSpec, export_onnx, export_specs
+from trt_build.optimize import CleanReport, clean_onnx
+from trt_build.shapes import ShapeProfile
+
+Progress = Callable[[str], None]
+
+
+ONNX_TOOLS = ("onnx", "onnx_graphsurgeon", "polygraphy", "onnxruntime")
+
+
+def onnx_tools_missing() -> str | None:
+    """None when the export and clean-up tools are installed; otherwise which and how to get them."""
+    absent = [name for name in ONNX_TOOLS if importlib.util.find_spec(name) is None]
+    return f"the ONNX tools {absent} (pip install -e '.[onnx]')" if absent else None
+
+
+def tensorrt_missing() -> str | None:
+    """None when TensorRT 10+, the ONNX tools and a CUDA GPU are usable; otherwise what is missing and how to get it."""
+    missing = [m for m in [onnx_tools_missing()] if m]
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU visible to torch (install the CUDA build of torch on an NVIDIA machine)")
+    version = tensorrt_version()
+    if version is None:
+        missing.append("TensorRT (pip install -e '.[trt]' on a machine that reaches NVIDIA's TensorRT wheels)")
+    elif int(version.split(".")[0]) < 10:
+        missing.append(f"TensorRT 10 or newer (found {version}; pip install -U 'tensorrt>=10')")
+    return " and ".join(missing) or None
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version; None when absent (``tensorrt-stubs`` alone is an empty package)."""
+    try:
+        module = importlib.import_module("tensorrt")
+    except ImportError:
+        return None
+    return getattr(module, "__version__", None)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What to build: for which components and shapes, at what precision, cached where."""
+
+    components: Components
+    profile: ShapeProfile
+    model: str
+    lora: str | None = None
+    fp16: bool = True
+    cache: EngineCache = dataclasses.field(default_factory=EngineCache)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+    def specs(self) -> dict[str, ExportSpec]:
+        return export_specs(self.components, self.profile)
+
+    def key(self, spec: ExportSpec, tensorrt: str, compute_capability: str) -> EngineKey:
+        return EngineKey(part=spec.part, model=self.model, weights=weights_fingerprint(spec.module), lora=self.lora,
+                         profile=self.profile, precision=self.precision, tensorrt=tensorrt,
+                         compute_capability=compute_capability, opset=OPSET)
+
+    def onnx_path(self, spec: ExportSpec) -> Path:
+        return self.cache.root / "onnx" / f"{spec.part}-{weights_fingerprint(spec.module)}.onnx"
+
+
+def prepare_onnx(spec: ExportSpec, target: Path, device: torch.device) -> CleanReport:
+    """Export ``spec`` and clean the graph into ``target``; the raw export is removed afterwards."""
+    raw = target.with_name(target.stem + ".raw.onnx")
+    export_onnx(spec, raw, device)
+    try:
+        return clean_onnx(raw, target)
+    finally:
+        for leftover in raw.parent.glob(raw.name + "*"):
+            leftover.unlink()
+
+
+def build_engines(plan: BuildPlan, progress: Progress = lambda stage: None) -> dict[str, Path]:
+    """Every part's engine, from the cache or built now (needs TensorRT and a CUDA GPU)."""
+    from trt_build.builder import write_engine
+
+    device = plan.components.device
+    tensorrt = tensorrt_version() or "none"
+    capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    engines = {}
+    for part, spec in plan.specs().items():
+        key = plan.key(spec, tensorrt, capability)
+        found = plan.cache.get(key)
+        if found is None:
+            progress(f"exporting {part} to ONNX")
+            onnx = prepare_onnx(spec, plan.onnx_path(spec), device).path
+            progress(f"building the {part} engine (minutes, once)")
+            found = plan.cache.put(key, lambda target: write_engine(onnx, spec.shapes, target, fp16=plan.fp16,
+                                                                    description=part))
+        engines[part] = found
+    return engines
+
+
+def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None) -> tuple[Components, EngineUNet]:
+    """``plan.components`` with its VAE replaced by engines, and the UNet engine as a ``UNetFn``."""
+    from trt_build.runtime import TrtEngine
+
+    missing = tensorrt_missing()
+    if missing is not None:
+        raise RuntimeError(f"the TensorRT backend needs {missing}")
+    engines = build_engines(plan, progress)
+    progress("loading the engines")
+    device = plan.components.device
+    loaded = {part: TrtEngine(engines[part], device) for part in PARTS}
+    vae = EngineVae(loaded["vae_encoder"], loaded["vae_decoder"], plan.components.dtype)
+    return dataclasses.replace(plan.components, vae=vae), EngineUNet(loaded["unet"])

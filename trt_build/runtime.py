@@ -1,0 +1,125 @@
+"""Running TensorRT engines from torch (TensorRT 10+ tensor API).
+
+:class:`TrtEngine` binds torch CUDA tensors to an engine's named inputs and outputs. Buffers
+are allocated once per input shape and reused; the stream batch calls the UNet with the same
+shapes frame after frame, so each shape is also captured once as a CUDA graph and replayed
+(one launch instead of hundreds). Inputs are copied into the bound buffers (and cast to the
+engine's dtype on the way); outputs are copied out, so a result stays valid after the next call.
+
+A :class:`TrtEngine` is called like the adapters in :mod:`trt_build.adapters` expect: a dict of
+named tensors in, a dict of named tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tensorrt as trt
+import torch
+
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+
+TORCH_DTYPES: dict[trt.DataType, torch.dtype] = {
+    trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+    trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
+    trt.DataType.UINT8: torch.uint8, trt.DataType.BOOL: torch.bool,
+}
+
+ShapeKey = tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class Binding:
+    """Buffers bound for one set of input shapes, and the CUDA graph that runs them (once captured)."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None = None
+    calls: int = field(default=0)
+
+
+class TrtEngine:
+    """One deserialized engine with an execution context on ``device``."""
+
+    def __init__(self, plan: Path, device: torch.device, *, cuda_graphs: bool = True) -> None:
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        engine = trt.Runtime(_LOGGER).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise RuntimeError(f"TensorRT could not load {plan} (built by another TensorRT version or GPU?); "
+                               "delete it and it will be rebuilt")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in self.input_names]
+        self.stream = torch.cuda.Stream(device)
+        self._bindings: dict[ShapeKey, Binding] = {}
+        self._current: ShapeKey | None = None
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = tuple(tuple(inputs[name].shape) for name in self.input_names)
+        binding = self._bindings.get(key) or self._bind(key)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            for name, buffer in binding.inputs.items():
+                buffer.copy_(inputs[name], non_blocking=True)
+            self._run(key, binding)
+            outputs = {name: buffer.clone() for name, buffer in binding.outputs.items()}
+        caller.wait_stream(self.stream)
+        return outputs
+
+    def _bind(self, key: ShapeKey) -> Binding:
+        """Allocate buffers for these input shapes; TensorRT says the output shapes."""
+        inputs = {}
+        for name, shape in zip(self.input_names, key):
+            if not self.context.set_input_shape(name, trt.Dims(list(shape))):
+                raise ValueError(f"input {name!r} of shape {shape} is outside the engine's profile; "
+                                 "rebuild the engine for this size or batch")
+            inputs[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
+        outputs = {name: torch.empty(_shape(self.context.get_tensor_shape(name)), dtype=self._dtype(name),
+                                     device=self.device) for name in self.output_names}
+        self._bindings[key] = Binding(inputs, outputs)
+        self._current = None
+        return self._bindings[key]
+
+    def _run(self, key: ShapeKey, binding: Binding) -> None:
+        if binding.graph is not None:
+            binding.graph.replay()
+            return
+        self._point_context_at(key, binding)
+        self._execute()
+        binding.calls += 1
+        if self.cuda_graphs and binding.calls == 2:  # the first call let TensorRT finish its lazy set-up
+            binding.graph = self._capture()
+
+    def _point_context_at(self, key: ShapeKey, binding: Binding) -> None:
+        if self._current == key:
+            return
+        for name, tensor in {**binding.inputs, **binding.outputs}.items():
+            if name in binding.inputs:
+                self.context.set_input_shape(name, trt.Dims(list(tensor.shape)))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self._current = key
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT failed to run the engine (its log above says why)")
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._execute()
+        except RuntimeError:  # some engines (data-dependent shapes) cannot be captured: stay eager
+            return None
+        return graph
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self.engine.get_tensor_dtype(name)]
+
+
+def _shape(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(dims[i] for i in range(len(dims)))
