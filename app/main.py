@@ -106,13 +106,9 @@ def check_trt() -> None:
 
 def accelerate(components, config: StreamConfig, args: argparse.Namespace):
     """The UNet and VAE as TensorRT engines: from the cache, or exported and built now (minutes, once)."""
-    from engine.runtime import EngineConfig
-    from trt_build.pipeline import BuildPlan, accelerate as build_and_load
-    from trt_build.shapes import ShapeProfile
+    from trt_build.pipeline import BuildPlan, accelerate as build_and_load, stream_profile
 
-    sessions_per_call = min(args.max_sessions, EngineConfig(stream=config).max_batch)
-    plan = BuildPlan(components, ShapeProfile.for_stream(config, sessions_per_call), model=args.model,
-                     lora=args.lcm_lora)
+    plan = BuildPlan(components, stream_profile(config, args.max_sessions), model=args.model, lora=args.lcm_lora)
     return build_and_load(plan, progress=lambda stage: print(f"  TensorRT: {stage}", file=sys.stderr, flush=True))
 
 

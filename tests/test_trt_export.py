@@ -224,3 +224,17 @@ def test_building_without_tensorrt_says_what_is_missing() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"trt_build: building engines needs {tensorrt_missing()}; --onnx-only exports without them"
+
+
+def test_graphs_past_the_protobuf_limit_keep_their_weights_in_one_file_beside_them(tiny, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """An fp32 SD UNet is 3.4 GB, past protobuf's 2 GB: the same path, forced here with a tiny limit."""
+    import trt_build.optimize
+
+    monkeypatch.setattr(trt_build.optimize, "PROTOBUF_LIMIT", 1000)
+    spec = export_specs(tiny, DYNAMIC)["unet"]
+    report = prepare_onnx(spec, tmp_path / "unet.onnx", tiny.device)
+    assert report.external_data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    assert (tmp_path / "unet.onnx").stat().st_size < (tmp_path / "unet.onnx.data").stat().st_size
+    assert all(a.relative_error < 1e-4 for a in compare_with_torch(spec, report.path))

@@ -22,7 +22,8 @@ from engine.presets import PRESETS
 from engine.quiet import quiet_libraries
 from trt_build.cache import EngineCache
 from trt_build.check import compare_with_torch
-from trt_build.pipeline import BuildPlan, build_engines, onnx_tools_missing, prepare_onnx, tensorrt_missing
+from trt_build.pipeline import (BuildPlan, build_engines, onnx_tools_missing, prepare_onnx, stream_profile,
+                                tensorrt_missing)
 from trt_build.shapes import Range, ShapeProfile
 
 CHECK_TOLERANCE = 1e-3  # relative to the output's largest magnitude; fp32 exports agree to ~1e-6
@@ -61,6 +62,8 @@ def profile_from_args(args: argparse.Namespace) -> tuple[StreamConfig, ShapeProf
     if args.min_size is not None:
         for name in ("height", "width"):
             sides[name] = Range(args.min_size, getattr(config, name), args.max_size)
+    if not sides:
+        return config, stream_profile(config, args.max_sessions)  # exactly what --trt will look up
     return config, ShapeProfile.for_stream(config, args.max_sessions, **sides)
 
 

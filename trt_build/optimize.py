@@ -42,16 +42,23 @@ def clean_onnx(source: Path, target: Path) -> CleanReport:
     onnxruntime.set_default_logger_severity(3)  # and so are onnxruntime's notes on nodes it keeps
     model = onnx.load(str(source))
     before = len(model.graph.node)
-    model = fold_constants(model, num_passes=3, do_shape_inference=True, error_ok=True,
+    model = fold_constants(model, num_passes=3, do_shape_inference=True, error_ok=True, copy=False,
                            allow_onnxruntime_shape_inference=True)
     graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    large = _too_large(model)
     if not large:  # shape inference on a >2 GB proto must go through a file; TensorRT infers what is missing
         model = onnx.shape_inference.infer_shapes(model)
     save_onnx(model, target, external_data=large)
     return CleanReport(target, before, len(model.graph.node), large)
+
+
+def _too_large(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except Exception:  # noqa: BLE001 - protobuf refuses even to measure a message past 2 GB
+        return True
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:

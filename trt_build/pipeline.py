@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 
 from engine.components import Components
+from engine.config import StreamConfig
 from trt_build.adapters import EngineUNet, EngineVae
 from trt_build.cache import EngineCache, EngineKey, weights_fingerprint
 from trt_build.export import OPSET, PARTS, ExportSpec, export_onnx, export_specs
@@ -60,6 +62,14 @@ def tensorrt_version() -> str | None:
     return getattr(module, "__version__", None)
 
 
+def stream_profile(config: StreamConfig, max_sessions: int) -> ShapeProfile:
+    """The profile the app needs: its UNet calls hold up to ``max_sessions`` streams (the runtime caps a call
+    at ``EngineConfig.max_batch``). ``--trt`` and ``python -m trt_build`` both use it, so they agree on keys."""
+    from engine.runtime import EngineConfig
+
+    return ShapeProfile.for_stream(config, min(max_sessions, EngineConfig(stream=config).max_batch))
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     """What to build: for which components and shapes, at what precision, cached where."""
@@ -88,14 +98,15 @@ class BuildPlan:
 
 
 def prepare_onnx(spec: ExportSpec, target: Path, device: torch.device) -> CleanReport:
-    """Export ``spec`` and clean the graph into ``target``; the raw export is removed afterwards."""
-    raw = target.with_name(target.stem + ".raw.onnx")
-    export_onnx(spec, raw, device)
-    try:
+    """Export ``spec`` and clean the graph into ``target``.
+
+    The raw export goes to a temporary folder that is removed afterwards: past 2 GB torch's
+    exporter writes every weight as a file of its own beside the model (hundreds for an SD UNet).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.part}-export-") as folder:
+        raw = export_onnx(spec, Path(folder) / f"{spec.part}.onnx", device)
         return clean_onnx(raw, target)
-    finally:
-        for leftover in raw.parent.glob(raw.name + "*"):
-            leftover.unlink()
 
 
 def build_engines(plan: BuildPlan, progress: Progress = lambda stage: None) -> dict[str, Path]:
