@@ -14,18 +14,9 @@ if __package__ in (None, ""):  # run as `python app/main.py`: import the project
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a camera app
 
 from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_to_t_index_list  # noqa: E402
-from engine.cli import add_model_arguments, model_spec  # noqa: E402
+from engine.cli import HelpFormatter, add_model_arguments, model_spec  # noqa: E402
 from engine.models import LOAD_STAGES, ModelUnavailableError  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, but not the empty ones (None, off switches) whose help already says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "%(default)" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 class StartupError(RuntimeError):
@@ -109,7 +100,11 @@ def accelerate(components, config: StreamConfig, args: argparse.Namespace):
     from trt_build.pipeline import BuildPlan, accelerate as build_and_load, stream_profile
 
     plan = BuildPlan(components, stream_profile(config, args.max_sessions), model=args.model, lora=args.lcm_lora)
-    return build_and_load(plan, progress=lambda stage: print(f"  TensorRT: {stage}", file=sys.stderr, flush=True))
+    try:
+        return build_and_load(plan, progress=lambda stage: print(f"  TensorRT: {stage}", file=sys.stderr, flush=True),
+                              release_torch=True)
+    except (RuntimeError, OSError) as error:  # BuildError, a plan that will not load, a full disk
+        raise StartupError(f"--trt: {error}") from error
 
 
 def load(args: argparse.Namespace):

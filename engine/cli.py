@@ -7,6 +7,15 @@ import argparse
 from engine.models import DEFAULT_MODEL, ModelSpec
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; defaults shown, but not the empty ones (None, off switches) whose help says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--model --vae --lcm-lora --device --dtype``, with the same meaning in every command."""
     parser.add_argument("--model", default=DEFAULT_MODEL,

@@ -152,18 +152,27 @@ def test_the_exported_graphs_drive_the_real_stream_like_torch_does(tiny, exporte
 
 def key(**changes) -> EngineKey:
     fields = dict(part="unet", model="tiny", weights="abc", lora=None, profile=DYNAMIC, precision="fp16",
-                  tensorrt="10.13.0", compute_capability="9.0", opset=OPSET)
+                  tensorrt="10.13.0", compute_capability="9.0", gpu="NVIDIA H100 80GB HBM3", opset=OPSET)
     return EngineKey(**{**fields, **changes})
 
 
-@pytest.mark.parametrize("change", [
+KEY_CHANGES = [
     {"part": "vae_decoder"}, {"model": "other"}, {"weights": "abd"}, {"lora": "latent-consistency/lcm-lora-sdv1-5"},
     {"profile": ShapeProfile.for_stream(CONFIG, sessions=4)}, {"precision": "fp32"}, {"tensorrt": "10.14.0"},
-    {"compute_capability": "8.9"}, {"opset": 18},
-])
+    {"compute_capability": "8.9"}, {"gpu": "NVIDIA L4"}, {"opset": 18}, {"format": 2},
+]
+
+
+@pytest.mark.parametrize("change", KEY_CHANGES)
 def test_every_field_of_the_key_names_another_engine(change) -> None:
     assert key(**change).digest() != key().digest()
     assert key().digest() == key().digest()
+
+
+def test_the_key_test_covers_every_field() -> None:
+    import dataclasses
+
+    assert {name for change in KEY_CHANGES for name in change} == {f.name for f in dataclasses.fields(EngineKey)}
 
 
 def test_weights_fingerprint_follows_the_weights(tiny) -> None:
@@ -172,8 +181,12 @@ def test_weights_fingerprint_follows_the_weights(tiny) -> None:
     assert weights_fingerprint(tiny.unet) == weights_fingerprint(build_preset("tiny").unet)
     changed = build_preset("tiny").unet
     with torch.no_grad():
-        changed.conv_in.weight.mul_(1.001)  # what a LoRA fuse or a fine-tune does, at its smallest
+        for parameter in changed.parameters():
+            parameter.mul_(1.001)  # what a LoRA fuse or a fine-tune does, at its smallest
     assert weights_fingerprint(changed) != weights_fingerprint(tiny.unet)
+    rescaled = build_preset("tiny").vae
+    rescaled.register_to_config(scaling_factor=0.5)  # baked into the exported VAE graphs, not a weight
+    assert weights_fingerprint(rescaled) != weights_fingerprint(tiny.vae)
 
 
 def test_the_cache_finds_what_it_stored_and_nothing_else(tmp_path) -> None:

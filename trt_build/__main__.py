@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import add_model_arguments, model_spec
+from engine.cli import HelpFormatter, add_model_arguments, model_spec
 from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list
 from engine.models import ModelUnavailableError, load_components
 from engine.presets import PRESETS
@@ -30,12 +30,11 @@ CHECK_TOLERANCE = 1e-3  # relative to the output's largest magnitude; fp32 expor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trt_build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m trt_build", description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser.add_argument_group("model"))
     shape = parser.add_argument_group("shapes (must match how the app will run)")
-    shape.add_argument("--width", type=int, default=None, help="output width in pixels (default: 512, a preset's own)")
-    shape.add_argument("--height", type=int, default=None, help="output height (default: 512, a preset's own)")
+    shape.add_argument("--width", type=int, default=None, help="output width in pixels (default: 512, or a preset's own)")
+    shape.add_argument("--height", type=int, default=None, help="output height (default: 512, or a preset's own)")
     shape.add_argument("--t-index-list", default="32,45", help="denoising steps; only their count matters here")
     shape.add_argument("--cfg-type", default="self", choices=CFG_TYPES, help="residual CFG variant (sets UNet rows)")
     shape.add_argument("--max-sessions", type=int, default=4, help="streams sharing one UNet call, at most")
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--max-size", type=int, default=None, help="largest side for a dynamic-resolution engine")
     out = parser.add_argument_group("output")
     out.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export (no TensorRT needed)")
-    out.add_argument("--out", default="onnx", help="folder for the ONNX files with --onnx-only (default: onnx)")
+    out.add_argument("--out", default="onnx", help="folder for the ONNX files with --onnx-only")
     out.add_argument("--check", action="store_true", help="compare each ONNX graph with torch on onnxruntime")
     out.add_argument("--cache", default=None, help="engine cache folder (default: $DIFFCAM_CACHE/engines or "
                                                   "~/.cache/diffcam/engines)")

@@ -2,8 +2,9 @@
 
 One optimization profile covers the whole :class:`trt_build.shapes.ShapeProfile`: every input
 gets its (min, opt, max) shapes, TensorRT tunes kernels for ``opt`` and accepts anything in
-between. FP16 is the default precision on GPUs that have it (every GPU diffcam targets); the
-exported graph may be fp32, TensorRT casts the weights.
+between. A graph exported in fp16 (the model loaded in fp16 on a GPU) is built *strongly typed*:
+TensorRT keeps the types the graph has, so the timestep embedding stays in fp32 as in torch
+instead of losing its phase at t≈999. An fp32 graph can be built weakly typed with fp16 allowed.
 
 Typed against ``tensorrt-stubs``; runs only where TensorRT and a CUDA GPU are.
 """
@@ -57,11 +58,16 @@ class ProgressBars(trt.IProgressMonitor):
             bar.close()
 
 
-def build_engine(onnx_path: Path, shapes: dict[str, ShapeTriple], *, fp16: bool = True,
+def build_engine(onnx_path: Path, shapes: dict[str, ShapeTriple], *, fp16: bool = True, strongly_typed: bool = False,
                  workspace_bytes: int = WORKSPACE_BYTES, description: str = "building") -> bytes:
-    """A serialized engine for ``onnx_path`` accepting ``shapes`` (per input: min, opt, max)."""
+    """A serialized engine for ``onnx_path`` accepting ``shapes`` (per input: min, opt, max).
+
+    ``strongly_typed`` keeps the graph's own types (``fp16`` is then ignored); otherwise ``fp16``
+    lets TensorRT pick fp16 kernels for an fp32 graph.
+    """
     builder = trt.Builder(_LOGGER)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, _LOGGER)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -69,7 +75,7 @@ def build_engine(onnx_path: Path, shapes: dict[str, ShapeTriple], *, fp16: bool 
     _check_inputs(network, shapes, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
+    if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
@@ -84,9 +90,10 @@ def build_engine(onnx_path: Path, shapes: dict[str, ShapeTriple], *, fp16: bool 
 
 
 def write_engine(onnx_path: Path, shapes: dict[str, ShapeTriple], target: Path, *, fp16: bool = True,
-                 description: str = "building") -> None:
+                 strongly_typed: bool = False, description: str = "building") -> None:
     """Build and write the engine to ``target`` (for :meth:`trt_build.cache.EngineCache.put`)."""
-    target.write_bytes(build_engine(onnx_path, shapes, fp16=fp16, description=description))
+    target.write_bytes(build_engine(onnx_path, shapes, fp16=fp16, strongly_typed=strongly_typed,
+                                    description=description))
 
 
 def _check_inputs(network: trt.INetworkDefinition, shapes: dict[str, ShapeTriple], onnx_path: Path) -> None:

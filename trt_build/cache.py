@@ -26,6 +26,9 @@ import torch
 from trt_build.shapes import ShapeProfile
 
 SAMPLES_PER_TENSOR = 4096
+#: Bump when what the exported graphs compute or take changes (export.py, adapters.py):
+#: engines built by older code must not load.
+FORMAT_VERSION = 1
 PRECISIONS = ("fp16", "fp32", "bf16")
 
 
@@ -41,7 +44,9 @@ class EngineKey:
     precision: str            # fp16 / fp32 / bf16
     tensorrt: str             # TensorRT version
     compute_capability: str   # of the GPU, e.g. "9.0"
+    gpu: str                  # its name: tactics are timed on this very chip
     opset: int
+    format: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -60,12 +65,19 @@ class EngineKey:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer: name, shape, dtype and an evenly spaced sample of values.
+    """A digest of the configs of every diffusers model inside ``module`` (a VAE's scaling factor is
+    baked into its graph) and of every parameter and buffer: name, shape, dtype and an evenly
+    spaced sample of values.
 
     Exact (raw bytes, no float sums that differ between devices) and cheap (at most
-    ``SAMPLES_PER_TENSOR`` values a tensor, gathered on the tensor's own device).
+    ``SAMPLES_PER_TENSOR`` values a tensor, gathered on the tensor's own device). A fused LoRA or
+    a fine-tune changes every value; an edit to a few values of a large tensor can slip through.
     """
     digest = hashlib.sha256()
+    for name, child in module.named_modules():
+        config = getattr(child, "config", None)
+        if isinstance(config, dict):  # diffusers' FrozenDict
+            digest.update(f"{name}|{json.dumps(dict(config), sort_keys=True, default=str)}|".encode())
     for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // SAMPLES_PER_TENSOR)

@@ -83,15 +83,23 @@ class BuildPlan:
 
     @property
     def precision(self) -> str:
+        if self.components.dtype != torch.float32:
+            return str(self.components.dtype).replace("torch.", "").replace("float", "fp")
         return "fp16" if self.fp16 else "fp32"
 
     def specs(self) -> dict[str, ExportSpec]:
         return export_specs(self.components, self.profile)
 
-    def key(self, spec: ExportSpec, tensorrt: str, compute_capability: str) -> EngineKey:
+    @property
+    def strongly_typed(self) -> bool:
+        """An fp16 graph keeps its own types (see :mod:`trt_build.builder`)."""
+        return self.components.dtype != torch.float32
+
+    def key(self, spec: ExportSpec, tensorrt: str, gpu: tuple[str, str]) -> EngineKey:
+        compute_capability, name = gpu
         return EngineKey(part=spec.part, model=self.model, weights=weights_fingerprint(spec.module), lora=self.lora,
                          profile=self.profile, precision=self.precision, tensorrt=tensorrt,
-                         compute_capability=compute_capability, opset=OPSET)
+                         compute_capability=compute_capability, gpu=name, opset=OPSET)
 
     def onnx_path(self, spec: ExportSpec) -> Path:
         return self.cache.root / "onnx" / f"{spec.part}-{weights_fingerprint(spec.module)}.onnx"
@@ -111,27 +119,42 @@ def prepare_onnx(spec: ExportSpec, target: Path, device: torch.device) -> CleanR
 
 def build_engines(plan: BuildPlan, progress: Progress = lambda stage: None) -> dict[str, Path]:
     """Every part's engine, from the cache or built now (needs TensorRT and a CUDA GPU)."""
-    from trt_build.builder import write_engine
-
     device = plan.components.device
     tensorrt = tensorrt_version() or "none"
-    capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    gpu = ("{}.{}".format(*torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
     engines = {}
     for part, spec in plan.specs().items():
-        key = plan.key(spec, tensorrt, capability)
+        key = plan.key(spec, tensorrt, gpu)
         found = plan.cache.get(key)
         if found is None:
-            progress(f"exporting {part} to ONNX")
-            onnx = prepare_onnx(spec, plan.onnx_path(spec), device).path
-            progress(f"building the {part} engine (minutes, once)")
-            found = plan.cache.put(key, lambda target: write_engine(onnx, spec.shapes, target, fp16=plan.fp16,
-                                                                    description=part))
+            found = _build(plan, spec, key, progress)
         engines[part] = found
     return engines
 
 
-def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None) -> tuple[Components, EngineUNet]:
-    """``plan.components`` with its VAE replaced by engines, and the UNet engine as a ``UNetFn``."""
+def _build(plan: BuildPlan, spec: ExportSpec, key: EngineKey, progress: Progress) -> Path:
+    """Export, clean, build and cache one part; the ONNX files (GBs for a UNet) go once it is built."""
+    from trt_build.builder import write_engine
+
+    progress(f"exporting {spec.part} to ONNX")
+    onnx = prepare_onnx(spec, plan.onnx_path(spec), plan.components.device).path
+    try:
+        progress(f"building the {spec.part} engine (minutes, once)")
+        return plan.cache.put(key, lambda target: write_engine(onnx, spec.shapes, target, fp16=plan.fp16,
+                                                               strongly_typed=plan.strongly_typed,
+                                                               description=spec.part))
+    finally:
+        onnx.unlink(missing_ok=True)
+        onnx.with_name(onnx.name + ".data").unlink(missing_ok=True)
+
+
+def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None, *,
+               release_torch: bool = False) -> tuple[Components, EngineUNet]:
+    """``plan.components`` with its VAE replaced by engines, and the UNet engine as a ``UNetFn``.
+
+    ``release_torch`` moves the torch UNet to the CPU afterwards (its config is still read; its
+    GPU memory, 1.7 GB for SD in fp16, is better spent on engines and sessions).
+    """
     from trt_build.runtime import TrtEngine
 
     missing = tensorrt_missing()
@@ -142,4 +165,7 @@ def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None) -> tupl
     device = plan.components.device
     loaded = {part: TrtEngine(engines[part], device) for part in PARTS}
     vae = EngineVae(loaded["vae_encoder"], loaded["vae_decoder"], plan.components.dtype)
+    if release_torch:
+        plan.components.unet.to("cpu")
+        torch.cuda.empty_cache()
     return dataclasses.replace(plan.components, vae=vae), EngineUNet(loaded["unet"])

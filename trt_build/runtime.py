@@ -31,8 +31,14 @@ ShapeKey = tuple[tuple[int, ...], ...]
 
 @dataclass
 class Binding:
-    """Buffers bound for one set of input shapes, and the CUDA graph that runs them (once captured)."""
+    """One set of input shapes: its own execution context, its buffers, and its CUDA graph once captured.
 
+    A context per shape (not one context re-pointed at each shape) because a captured graph is
+    only valid for the context state it was captured with; the contexts share one block of
+    activation memory, which is safe because they all run in order on one stream.
+    """
+
+    context: trt.IExecutionContext
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
     graph: torch.cuda.CUDAGraph | None = None
@@ -40,7 +46,7 @@ class Binding:
 
 
 class TrtEngine:
-    """One deserialized engine with an execution context on ``device``."""
+    """One deserialized engine on ``device``; a context and buffers per input shape, made on first use."""
 
     def __init__(self, plan: Path, device: torch.device, *, cuda_graphs: bool = True) -> None:
         self.device = device
@@ -50,13 +56,13 @@ class TrtEngine:
             raise RuntimeError(f"TensorRT could not load {plan} (built by another TensorRT version or GPU?); "
                                "delete it and it will be rebuilt")
         self.engine = engine
-        self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         self.stream = torch.cuda.Stream(device)
+        # the largest activation memory any shape in the profile needs, shared by every context
+        self._scratch = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=device)
         self._bindings: dict[ShapeKey, Binding] = {}
-        self._current: ShapeKey | None = None
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = tuple(tuple(inputs[name].shape) for name in self.input_names)
@@ -66,53 +72,48 @@ class TrtEngine:
         with torch.cuda.stream(self.stream):
             for name, buffer in binding.inputs.items():
                 buffer.copy_(inputs[name], non_blocking=True)
-            self._run(key, binding)
+            self._run(binding)
             outputs = {name: buffer.clone() for name, buffer in binding.outputs.items()}
         caller.wait_stream(self.stream)
         return outputs
 
     def _bind(self, key: ShapeKey) -> Binding:
-        """Allocate buffers for these input shapes; TensorRT says the output shapes."""
+        """A context for these input shapes, with buffers bound; TensorRT says the output shapes."""
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
         inputs = {}
         for name, shape in zip(self.input_names, key):
-            if not self.context.set_input_shape(name, trt.Dims(list(shape))):
+            if not context.set_input_shape(name, trt.Dims(list(shape))):
                 raise ValueError(f"input {name!r} of shape {shape} is outside the engine's profile; "
                                  "rebuild the engine for this size or batch")
             inputs[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
-        outputs = {name: torch.empty(_shape(self.context.get_tensor_shape(name)), dtype=self._dtype(name),
+        outputs = {name: torch.empty(_shape(context.get_tensor_shape(name)), dtype=self._dtype(name),
                                      device=self.device) for name in self.output_names}
-        self._bindings[key] = Binding(inputs, outputs)
-        self._current = None
+        for name, tensor in {**inputs, **outputs}.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        self._bindings[key] = Binding(context, inputs, outputs)
         return self._bindings[key]
 
-    def _run(self, key: ShapeKey, binding: Binding) -> None:
+    def _run(self, binding: Binding) -> None:
         if binding.graph is not None:
             binding.graph.replay()
             return
-        self._point_context_at(key, binding)
-        self._execute()
+        self._execute(binding.context)
         binding.calls += 1
         if self.cuda_graphs and binding.calls == 2:  # the first call let TensorRT finish its lazy set-up
-            binding.graph = self._capture()
+            binding.graph = self._capture(binding.context)
 
-    def _point_context_at(self, key: ShapeKey, binding: Binding) -> None:
-        if self._current == key:
-            return
-        for name, tensor in {**binding.inputs, **binding.outputs}.items():
-            if name in binding.inputs:
-                self.context.set_input_shape(name, trt.Dims(list(tensor.shape)))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        self._current = key
-
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _execute(self, context: trt.IExecutionContext) -> None:
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT failed to run the engine (its log above says why)")
 
-    def _capture(self) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, context: trt.IExecutionContext) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
+            # thread_local: a session opening on another thread (text encoder, noise to the GPU)
+            # must not break the capture, nor the capture break it
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._execute(context)
         except RuntimeError:  # some engines (data-dependent shapes) cannot be captured: stay eager
             return None
         return graph
