@@ -26,7 +26,7 @@ class PresetSpec:
     """What a preset builds; ``sizes`` say what it was made for, not a limit."""
 
     block_out_channels: tuple[int, ...]
-    attention_heads: int
+    attention_heads: int | tuple[int, ...]
     norm_groups: int
     text_width: int
     text_layers: int
@@ -34,6 +34,13 @@ class PresetSpec:
     taesd_blocks: int
     kl_channels: tuple[int, ...] | None
     default_size: int
+    linear_projection: bool = False
+    text_heads: int = 4
+    text_mlp_ratio: int = 2
+    text_activation: str = "quick_gelu"
+    kl_norm_groups: int = 16
+    #: (encoder, decoder) blocks per TAESD level; None: ``taesd_blocks`` at every level
+    taesd_layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -41,6 +48,13 @@ PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec((32, 64), 2, 32, 32, 2, 16, 1, None, 128),
     # An SD-shaped (4-level, 3 cross-attention levels) UNet of ~14 M parameters for 256x256.
     "small": PresetSpec((40, 80, 160, 160), 5, 8, 256, 2, 32, 1, (32, 64, 128, 128), 256),
+    # sd-turbo's architecture exactly (SD 2.1 UNet, 866 M parameters; an OpenCLIP-H-shaped text
+    # encoder; TAESD, or SD's KL VAE with vae="full"), with random weights: for GPU benchmarks,
+    # since speed does not depend on the weights. Only the tokenizer is the small test one.
+    "sd-turbo-random": PresetSpec(
+        (320, 640, 1280, 1280), (5, 10, 20, 20), 32, 1024, 23, 64, 3, (128, 256, 512, 512), 512,
+        linear_projection=True, text_heads=16, text_mlp_ratio=4, text_activation="gelu", kl_norm_groups=32,
+        taesd_layout=((1, 3, 3, 3), (3, 3, 3, 1))),
 }
 
 
@@ -103,18 +117,19 @@ def _unet(spec: PresetSpec) -> UNet2DConditionModel:
         cross_attention_dim=spec.text_width,
         attention_head_dim=spec.attention_heads,
         norm_num_groups=spec.norm_groups,
+        use_linear_projection=spec.linear_projection,
     )
 
 
 def _vae(spec: PresetSpec, kind: str, name: str) -> AutoencoderKL | AutoencoderTiny:
     if kind == "tiny":
         channels = (spec.taesd_channels,) * 4
-        blocks = (spec.taesd_blocks,) * 4
+        encoder_blocks, decoder_blocks = spec.taesd_layout or ((spec.taesd_blocks,) * 4,) * 2
         return AutoencoderTiny(
             encoder_block_out_channels=channels,
             decoder_block_out_channels=channels,
-            num_encoder_blocks=blocks,
-            num_decoder_blocks=blocks,
+            num_encoder_blocks=encoder_blocks,
+            num_decoder_blocks=decoder_blocks,
             latent_channels=4,
         )
     if kind == "full" and spec.kl_channels is not None:
@@ -124,7 +139,7 @@ def _vae(spec: PresetSpec, kind: str, name: str) -> AutoencoderKL | AutoencoderT
             up_block_types=("UpDecoderBlock2D",) * len(spec.kl_channels),
             layers_per_block=2,
             latent_channels=4,
-            norm_num_groups=16,
+            norm_num_groups=spec.kl_norm_groups,
             scaling_factor=0.18215,
         )
     allowed = ["tiny", "full"] if spec.kl_channels is not None else ["tiny"]
@@ -185,9 +200,10 @@ def _text_encoder(spec: PresetSpec, tokenizer: CLIPTokenizer) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_width,
-        intermediate_size=spec.text_width * 2,
+        intermediate_size=spec.text_width * spec.text_mlp_ratio,
         num_hidden_layers=spec.text_layers,
-        num_attention_heads=4,
+        num_attention_heads=spec.text_heads,
+        hidden_act=spec.text_activation,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

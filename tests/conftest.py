@@ -16,3 +16,13 @@ def tiny():
     from engine.presets import build_preset
 
     return build_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def gpu_tiny():
+    """The tiny preset on the GPU (fp32); tests using it skip where torch sees no CUDA device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU visible to torch (the CUDA build of torch on an NVIDIA machine)")
+    from engine.presets import build_preset
+
+    return build_preset("tiny", device="cuda")

@@ -32,6 +32,22 @@ def test_small_preset_is_sd_shaped_with_both_vaes() -> None:
     assert type(build_preset("small", vae="full").vae).__name__ == "AutoencoderKL"
 
 
+def test_sd_turbo_random_has_sd_turbos_architecture() -> None:
+    """Built on the meta device: the shapes without 3.5 GB of random weights. The counts are sd-turbo's
+    own (UNet 865,910,724; TAESD 2,445,063 as diffusers' default AutoencoderTiny; SD's VAE 83,653,863)."""
+    from diffusers import AutoencoderTiny
+
+    from engine.presets import PRESETS, _unet, _vae
+
+    spec = PRESETS["sd-turbo-random"]
+    with torch.device("meta"):
+        unet, taesd, kl, reference_taesd = _unet(spec), _vae(spec, "tiny", "x"), _vae(spec, "full", "x"), AutoencoderTiny()
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(unet), count(taesd), count(kl)) == (865_910_724, 2_445_063, 83_653_863)
+    assert taesd.config.num_encoder_blocks == reference_taesd.config.num_encoder_blocks
+    assert unet.config.cross_attention_dim == 1024 and unet.config.use_linear_projection
+
+
 def test_tiny_preset_has_no_full_vae() -> None:
     with pytest.raises(ValueError, match=r"vae='full' is not available for preset 'tiny'"):
         build_preset("tiny", vae="full")

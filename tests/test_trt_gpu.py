@@ -22,13 +22,6 @@ CONFIG = StreamConfig(t_index_list=(10, 30, 45), width=128, height=128, cfg_type
 
 
 @pytest.fixture(scope="module")
-def gpu_tiny():
-    from engine.presets import build_preset
-
-    return build_preset("tiny", device="cuda")
-
-
-@pytest.fixture(scope="module")
 def fp32_plan(gpu_tiny, tmp_path_factory) -> BuildPlan:
     profile = ShapeProfile.for_stream(CONFIG, sessions=2, height=Range(64, 128, 256), width=Range(64, 128, 256))
     return BuildPlan(gpu_tiny, profile, model="tiny", fp16=False, cache=EngineCache(tmp_path_factory.mktemp("engines")))
