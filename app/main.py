@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     add_model_arguments(model)
-    model.add_argument("--trt", action="store_true", help="run the UNet and VAE as TensorRT engines (NVIDIA GPUs)")
+    model.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
+                       help="what runs the UNet and VAE: eager torch, torch.compile, or TensorRT engines")
+    model.add_argument("--trt", action="store_true", help="the same as --backend trt (NVIDIA GPUs)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
     stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture",
                         help="what the camera should become")
@@ -86,25 +88,32 @@ def check_server_args(args: argparse.Namespace) -> None:
         parse_auth(args.auth)
 
 
-def check_trt() -> None:
-    """The TensorRT backend needs CUDA and TensorRT 10+; say exactly what is missing, before loading anything."""
-    from trt_build.pipeline import tensorrt_missing
+def backend_name(args: argparse.Namespace) -> str:
+    return "trt" if args.trt else args.backend
 
-    missing = tensorrt_missing()
+
+def check_backend(args: argparse.Namespace) -> None:
+    """Say what the chosen backend lacks before loading anything (TensorRT, CUDA, a compiler)."""
+    from engine.backends import backend_missing
+
+    missing = backend_missing(backend_name(args), model_spec(args).resolved_device())
     if missing is not None:
-        raise StartupError(f"--trt needs {missing}")
+        flag = "--trt" if args.trt else f"--backend {args.backend}"
+        raise StartupError(f"{flag} needs {missing}")
 
 
-def accelerate(components, config: StreamConfig, args: argparse.Namespace):
-    """The UNet and VAE as TensorRT engines: from the cache, or exported and built now (minutes, once)."""
-    from trt_build.pipeline import BuildPlan, accelerate as build_and_load, stream_profile
+def prepare(components, config: StreamConfig, args: argparse.Namespace):
+    """Components and UNet function for the backend: compiled, or TensorRT engines from the cache or built now."""
+    from engine.backends import BackendOptions, prepare_backend
+    from engine.runtime import EngineConfig
 
-    plan = BuildPlan(components, stream_profile(config, args.max_sessions), model=args.model, lora=args.lcm_lora)
+    options = BackendOptions(sessions=min(args.max_sessions, EngineConfig(stream=config).max_batch), model=args.model,
+                             lora=args.lcm_lora,
+                             progress=lambda stage: print(f"  {stage}", file=sys.stderr, flush=True))
     try:
-        return build_and_load(plan, progress=lambda stage: print(f"  TensorRT: {stage}", file=sys.stderr, flush=True),
-                              release_torch=True)
-    except (RuntimeError, OSError) as error:  # BuildError, a plan that will not load, a full disk
-        raise StartupError(f"--trt: {error}") from error
+        return prepare_backend(backend_name(args), components, config, options)
+    except (RuntimeError, OSError) as error:  # a failed engine build, a plan that will not load, a full disk
+        raise StartupError(f"backend {backend_name(args)}: {error}") from error
 
 
 def load(args: argparse.Namespace):
@@ -122,7 +131,7 @@ def load(args: argparse.Namespace):
 def describe(components, config: StreamConfig, args: argparse.Namespace) -> str:
     weights = " (random weights: the pictures are abstract)" if args.model in PRESETS else ""
     return (f"model {components.name}{weights}\n"
-            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {'trt' if args.trt else 'torch'}, "
+            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {backend_name(args)}, "
             f"{config.width}x{config.height}, t_index_list={list(config.t_index_list)} "
             f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {args.max_sessions} streams")
 
@@ -132,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = stream_config(args)
         check_server_args(args)
-        if args.trt:
-            check_trt()
-        components = load(args)
-        components, unet = accelerate(components, config, args) if args.trt else (components, None)
+        check_backend(args)
+        components, unet = prepare(load(args), config, args)
     except (ValueError, StartupError, ModelUnavailableError) as error:
         print(f"diffcam: {error}", file=sys.stderr)
         return 2

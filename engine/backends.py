@@ -1,20 +1,54 @@
-"""UNet backends behind one call signature, chosen by name.
+"""Backends: one UNet call signature and one VAE interface, whatever runs them, chosen by name.
 
-A backend turns a loaded UNet into ``unet_fn(sample, timesteps, encoder_hidden_states) -> output``
-with per-row timesteps. ``torch`` runs eager PyTorch on any device.
+A backend takes loaded :class:`Components` and the stream configuration and returns the
+components to run with (a backend may replace the VAE) and ``unet_fn(sample, timesteps,
+encoder_hidden_states) -> prediction`` with per-row timesteps:
+
+- ``torch``: eager PyTorch, any device;
+- ``compile``: ``torch.compile`` (inductor kernels; CUDA graphs on GPUs), see :mod:`engine.compiled`;
+- ``trt``: TensorRT engines built and cached by :mod:`trt_build.pipeline`.
+
+Like uvicorn's protocol registry, entries are import paths resolved on use, so a backend whose
+packages are absent costs nothing until asked for, and then says what to install.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from engine.components import Components
+from engine.config import StreamConfig
+
 
 class UNetFn(Protocol):
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor,
                  encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a backend may need beyond the components: how many streams share a UNet call
+    (the shapes to build for), the model's name and LoRA (engine cache keys), progress lines."""
+
+    sessions: int = 1
+    model: str = ""
+    lora: str | None = None
+    progress: Callable[[str], None] = field(default=lambda stage: None, compare=False)
+
+
+Prepare = Callable[[Components, StreamConfig, BackendOptions], tuple[Components, UNetFn]]
+
+#: name -> "module:function" preparing it, and "module:function" saying what it lacks (or None)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "torch": ("engine.backends:prepare_torch", "engine.backends:torch_missing"),
+    "compile": ("engine.compiled:prepare_compiled", "engine.compiled:compile_missing"),
+    "trt": ("trt_build.pipeline:prepare_trt", "trt_build.pipeline:trt_missing"),
+}
 
 
 def torch_unet(unet: UNet2DConditionModel) -> UNetFn:
@@ -24,10 +58,30 @@ def torch_unet(unet: UNet2DConditionModel) -> UNetFn:
     return run
 
 
-BACKENDS: dict[str, Callable[[UNet2DConditionModel], UNetFn]] = {"torch": torch_unet}
+def prepare_torch(components: Components, config: StreamConfig, options: BackendOptions) -> tuple[Components, UNetFn]:
+    return components, torch_unet(components.unet)
 
 
-def make_unet_fn(unet: UNet2DConditionModel, backend: str = "torch") -> UNetFn:
-    if backend not in BACKENDS:
-        raise ValueError(f"unet backend {backend!r} is not available here; available: {sorted(BACKENDS)}")
-    return BACKENDS[backend](unet)
+def torch_missing(device: torch.device) -> str | None:
+    return None
+
+
+def backend_missing(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``; otherwise what is missing and how to get it."""
+    return _resolve(name, 1)(device)
+
+
+def prepare_backend(name: str, components: Components, config: StreamConfig,
+                    options: BackendOptions = BackendOptions()) -> tuple[Components, UNetFn]:
+    """``components`` ready for backend ``name``, and its UNet function. May take minutes (compiling, building)."""
+    missing = backend_missing(name, components.device)
+    if missing is not None:
+        raise RuntimeError(f"the {name} backend needs {missing}")
+    return _resolve(name, 0)(components, config, options)
+
+
+def _resolve(name: str, which: int) -> Callable:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is unknown; available: {sorted(BACKENDS)}")
+    module, function = BACKENDS[name][which].split(":")
+    return getattr(importlib.import_module(module), function)

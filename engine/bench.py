@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.backends import UNetFn, prepare_backend
 from engine.components import Components
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers baselines")
+    parser.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
+                        help="also time the stream on this backend (stream_<backend>); the runtime uses it")
     parser.add_argument("--json", default=None, help="write the results here")
     runtime = parser.add_argument_group("runtime benchmark (--runtime)")
     runtime.add_argument("--runtime", action="store_true",
@@ -68,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Bench:
     """Holds the models and the frames; builds each method as a callable over a list of frames."""
 
-    def __init__(self, components: Components, full_vae: torch.nn.Module | None, config: StreamConfig) -> None:
+    def __init__(self, components: Components, full_vae: torch.nn.Module | None, config: StreamConfig,
+                 backends: dict[str, tuple[Components, UNetFn]] | None = None) -> None:
         self.components, self.full_vae, self.config = components, full_vae, config
+        self.backends = backends or {}
         self.device, self.dtype = components.device, components.dtype
         self.schedule = step_schedule(components.scheduler, config.t_index_list, config.num_inference_steps)
         self.cond = StreamDiffusion(components, config).prompts.encode(PROMPT).to(self.dtype)
@@ -82,14 +87,16 @@ class Bench:
 
     def methods(self, with_diffusers: bool) -> dict[str, Method]:
         methods: dict[str, Method] = {"stream": self.stream, "floor": self.floor, "sequential": self.sequential}
+        for name, (components, unet) in self.backends.items():
+            methods[f"stream_{name}"] = lambda frames, c=components, u=unet: self.stream(frames, c, u)
         if with_diffusers and self.full_vae is not None:
             methods["diffusers"] = self._diffusers(self.full_vae)
         if with_diffusers:
             methods["diffusers_same_vae"] = self._diffusers(self.components.vae)
         return methods
 
-    def stream(self, frames: list[np.ndarray]) -> int:
-        stream = StreamDiffusion(self.components, self.config)
+    def stream(self, frames: list[np.ndarray], components: Components | None = None, unet: UNetFn | None = None) -> int:
+        stream = StreamDiffusion(components or self.components, self.config, unet=unet)
         for frame in frames[: stream.steps - 1]:  # fill the pipeline first, untimed
             stream(frame)
         started = self.clock()
@@ -256,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     full_vae = None
     if not args.skip_diffusers and (args.preset not in PRESETS or PRESETS[args.preset].kl_channels):
         full_vae = load_components(ModelSpec(model=args.preset, vae="full", device=args.device)).vae
-    bench = Bench(components, full_vae, config)
+    backends = {}
+    if args.backend != "torch":
+        print(f"preparing the {args.backend} backend", file=sys.stderr)
+        backends[args.backend] = prepare_backend(args.backend, components, config)
+    bench = Bench(components, full_vae, config, backends)
     frames = moving_frames(args.frames, size, size)
     print(f"benchmarking {args.preset} at {size}x{size}, {args.frames} frames x {args.rounds} rounds", file=sys.stderr)
     results = run_methods(bench, bench.methods(not args.skip_diffusers), frames, args.rounds)

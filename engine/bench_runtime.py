@@ -71,7 +71,7 @@ async def runtime_window(engine: Engine, sessions: list[Session], frames: list[l
 
 
 async def measure(bench: Bench, components, args: argparse.Namespace, streams: int) -> dict:
-    config = EngineConfig(model=ModelSpec(args.preset), stream=bench.config, max_sessions=streams,
+    config = EngineConfig(model=ModelSpec(args.preset), stream=bench.config, max_sessions=streams, backend=args.backend,
                           max_batch=streams, idle_timeout=60)
     size = bench.config.width
     frames = [moving_frames(60, size, size)[s * 7:] + moving_frames(60, size, size)[: s * 7] for s in range(streams)]

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.backends import UNetFn, make_unet_fn
+from engine.backends import BACKENDS, BackendOptions, UNetFn, prepare_backend
 from engine.components import Components
 from engine.config import StreamConfig, updated_config
 from engine.metrics import EngineMetrics, engine_snapshot, prometheus_text
@@ -50,6 +50,8 @@ class EngineConfig:
         if self.stream.frame_buffer_size != 1:
             raise ValueError(f"stream.frame_buffer_size={self.stream.frame_buffer_size}: the runtime batches one "
                              "frame per session per call; it must be 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is unknown; available: {sorted(BACKENDS)}")
         for name, low, high in (("max_sessions", 1, 256), ("max_batch", 1, 256)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
@@ -88,17 +90,22 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         components, unet = self._given
         if components is not None:
-            self._workers = [Worker(components, unet or make_unet_fn(components.unet, self.config.backend),
-                                    self.metrics, self.config.max_batch)]
+            ready = [(components, unet) if unet is not None else await asyncio.to_thread(self._prepare, components)]
         else:
             devices = self.config.devices or (self.config.model.device,)
             loaded = [await asyncio.to_thread(load_components, replace(self.config.model, device=device))
                       for device in devices]
-            self._workers = [Worker(c, make_unet_fn(c.unet, self.config.backend), self.metrics,
-                                    self.config.max_batch) for c in loaded]
+            ready = [await asyncio.to_thread(self._prepare, c) for c in loaded]
+        self._workers = [Worker(c, u, self.metrics, self.config.max_batch) for c, u in ready]
         for worker in self._workers:
             worker.start()
         self._reaper = asyncio.create_task(self._reap_idle(), name="diffcam-engine-reaper")
+
+    def _prepare(self, components: Components) -> tuple[Components, UNetFn]:
+        """``components`` ready for the configured backend (compiling or building engines can take minutes)."""
+        options = BackendOptions(sessions=min(self.config.max_sessions, self.config.max_batch),
+                                 model=self.config.model.model, lora=self.config.model.lcm_lora)
+        return prepare_backend(self.config.backend, components, self.config.stream, options)
 
     async def open_session(self, **params: Any) -> Session:
         """A new session with ``params`` (any non-shape stream parameter, or ``strength``).

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from engine.backends import BackendOptions
 from engine.components import Components
 from engine.config import StreamConfig
 from trt_build.adapters import EngineUNet, EngineVae
@@ -169,3 +170,18 @@ def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None, *,
         plan.components.unet.to("cpu")
         torch.cuda.empty_cache()
     return dataclasses.replace(plan.components, vae=vae), EngineUNet(loaded["unet"])
+
+
+def trt_missing(device: torch.device) -> str | None:
+    """The ``trt`` backend's registry check (see :mod:`engine.backends`)."""
+    if device.type != "cuda" and torch.cuda.is_available():
+        return f"the model on the GPU (it is on {device}; pass --device cuda)"
+    return tensorrt_missing()
+
+
+def prepare_trt(components: Components, config: StreamConfig,
+                options: BackendOptions) -> tuple[Components, EngineUNet]:
+    """The ``trt`` backend: engines for ``config``'s shapes with ``options.sessions`` streams per call."""
+    plan = BuildPlan(components, stream_profile(config, options.sessions), model=options.model or components.name,
+                     lora=options.lora)
+    return accelerate(plan, options.progress, release_torch=True)
