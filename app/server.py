@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.webrtc import OfferError, PeerManager
+from app.whip import WhipHub, add_whip_routes
 from engine.runtime import Engine
 from engine.session import EngineBusyError
 
@@ -31,6 +32,7 @@ MAX_OFFER_BYTES = 200_000
 def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | None = None,
                start_engine: bool = True) -> FastAPI:
     """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine."""
+    hub = WhipHub(peers)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -39,6 +41,7 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
         try:
             yield
         finally:
+            await hub.close()
             await peers.close()
             if start_engine:
                 await engine.aclose()
@@ -57,6 +60,8 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
         except OfferError as error:
             return JSONResponse({"error": "bad offer", "detail": str(error)}, status_code=400)
         return JSONResponse({"sdp": answer.sdp, "type": answer.type, "session": peer.session.id})
+
+    add_whip_routes(app, hub)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -83,23 +88,33 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 class BasicAuth:
-    """HTTP Basic auth in front of everything but ``/healthz`` (the UI, ``/offer``, ``/metrics``)."""
+    """HTTP Basic auth in front of everything but ``/healthz`` (the UI, ``/offer``, ``/metrics``).
+
+    WHIP and WHEP clients (OBS among them) only send bearer tokens: on ``/whip`` and ``/whep``
+    ``Authorization: Bearer <password>`` is accepted too.
+    """
 
     def __init__(self, app: ASGIApp, credentials: tuple[str, str]) -> None:
         self.app = app
         self.expected = _basic_token(*credentials)
+        self.bearer = f"Bearer {credentials[1]}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
-        if secrets.compare_digest(header.encode(), self.expected.encode()):
+        accepted = [self.expected] + ([self.bearer] if _is_whip(scope.get("path", "")) else [])
+        if any(secrets.compare_digest(header.encode(), token.encode()) for token in accepted):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         response = Response("authentication required", status_code=401,
                             headers={"WWW-Authenticate": 'Basic realm="diffcam"'})
         await response(scope, receive, send)
+
+
+def _is_whip(path: str) -> bool:
+    return path == "/whip" or path.startswith(("/whip/", "/whep/"))
 
 
 def parse_auth(text: str) -> tuple[str, str]:

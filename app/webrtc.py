@@ -16,7 +16,7 @@ import fractions
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
@@ -122,6 +122,10 @@ class Peer:
                 await self.close()
                 return
 
+    def discard(self, track: MediaStreamTrack) -> None:
+        """Read and drop everything ``track`` brings (a track nobody reads grows aiortc's queue forever)."""
+        self.spawn(discard_frames(track), "discard")
+
     def attach_channel(self, channel) -> None:
         self.channel = channel
         channel.on("message", self._on_message)
@@ -178,31 +182,49 @@ class PeerManager:
         self.peers: set[Peer] = set()
         video.apply()
 
+    async def open_peer(self, on_closed: Callable[[Peer], None] | None = None) -> Peer:
+        """A new peer with its own engine session; raises ``EngineBusyError`` at capacity."""
+        session = await self.engine.open_session()
+
+        def closed(peer: Peer) -> None:
+            self.peers.discard(peer)
+            if on_closed is not None:
+                on_closed(peer)
+
+        peer = Peer(RTCPeerConnection(), session, closed, self.input_timeout)
+        self.peers.add(peer)
+        return peer
+
     async def answer(self, sdp: str, kind: str) -> tuple[RTCSessionDescription, Peer]:
         """Answer a browser's offer; raises :class:`OfferError` (bad offer) or ``EngineBusyError``."""
         check_offer(sdp, kind)
-        session = await self.engine.open_session()
-        pc = RTCPeerConnection()
-        peer = Peer(pc, session, self.peers.discard, self.input_timeout)
-        self.peers.add(peer)
+        peer = await self.open_peer()
+        await self.negotiate(peer, sdp)
+        return peer.pc.localDescription, peer
+
+    async def negotiate(self, peer: Peer, sdp: str, *, send_back: bool = True) -> None:
+        """Answer ``sdp`` on ``peer``: its first video track feeds the session, and with ``send_back``
+        the stylized video goes back on the same connection. A failure closes the peer."""
         try:
-            await self._negotiate(peer, sdp)
+            await self._negotiate(peer, sdp, send_back)
         except Exception as error:
             await peer.close()
             if isinstance(error, OfferError):
                 raise
             raise OfferError(f"could not negotiate this offer: {type(error).__name__}: {error}") from error
-        return pc.localDescription, peer
 
-    async def _negotiate(self, peer: Peer, sdp: str) -> None:
+    async def _negotiate(self, peer: Peer, sdp: str, send_back: bool) -> None:
         pc = peer.pc
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video" and not peer.has_camera:  # the first video track is the camera
                 peer.attach_camera(track)
-                sender = pc.addTrack(StylizedTrack(peer.session))
-                self._prefer_codec(pc, sender)
+                if send_back:
+                    sender = pc.addTrack(StylizedTrack(peer.session))
+                    self._prefer_codec(pc, sender)
+            else:  # OBS sends audio too: aiortc queues decoded frames without bound unless they are read
+                peer.discard(track)
 
         @pc.on("datachannel")
         def on_datachannel(channel) -> None:
@@ -229,6 +251,13 @@ class PeerManager:
 
     async def close(self) -> None:
         await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
+
+
+async def discard_frames(track: MediaStreamTrack) -> None:
+    """Read ``track`` until it ends, keeping nothing."""
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()
 
 
 def check_offer(sdp: Any, kind: Any) -> None:

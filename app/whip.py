@@ -1,0 +1,218 @@
+"""WHIP in, WHEP out: OBS (or any WHIP client) publishes a camera, WHEP players watch it stylized.
+
+WHIP (RFC 9725): ``POST /whip`` with an SDP offer (``application/sdp``) answers ``201 Created``
+with the SDP answer and ``Location: /whip/<id>``; ``DELETE`` on that URL ends the stream. The
+publisher's video becomes an engine session, exactly like a browser camera. WHEP: ``POST
+/whep/<id>`` with a receive-only offer answers with the stylized video of stream ``<id>``;
+``DELETE /whep/<id>/<viewer>`` ends that viewer. Any number of players (up to a limit) watch
+one stream through ``MediaRelay(buffered=False)``: each gets the newest frame, a slow one drops
+frames instead of delaying the others. Ids are unguessable tokens; only published streams can
+be watched. ICE is not trickled (aiortc gathers every candidate first), so ``PATCH`` is 405.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+
+import av
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from aiortc.contrib.media import MediaRelay
+
+from app.webrtc import OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
+from engine.session import EngineBusyError
+
+MAX_VIEWERS = 8
+MAX_SDP_BYTES = 100_000
+
+
+class NotFound(LookupError):
+    """No such stream or viewer (HTTP 404)."""
+
+
+class TooManyViewers(RuntimeError):
+    """The stream has ``MAX_VIEWERS`` players already (HTTP 503)."""
+
+
+@dataclass
+class Published:
+    """One WHIP stream: its publisher, its stylized output shared out, and who watches."""
+
+    publisher: Peer
+    output: StylizedTrack
+    relay: MediaRelay = field(default_factory=MediaRelay)
+    viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
+    drain: asyncio.Task | None = None
+
+
+class FrameCopies(MediaStreamTrack):
+    """Each player its own copy of every frame.
+
+    aiortc's encoders convert the frame they are given to yuv420p (through a converter cached
+    on the frame) and may mark it as a keyframe, in executor threads; two players encoding the
+    one frame a relay hands out would do both at once, which crashed the process in testing.
+    """
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.source = source
+
+    async def recv(self) -> av.VideoFrame:
+        frame = await self.source.recv()
+        copy = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+        copy.pts, copy.time_base = frame.pts, frame.time_base
+        return copy
+
+    def stop(self) -> None:
+        super().stop()
+        self.source.stop()
+
+
+class WhipHub:
+    """Every WHIP stream and WHEP viewer, by id; ``close()`` ends them all."""
+
+    def __init__(self, peers: PeerManager) -> None:
+        self.peers = peers
+        self.streams: dict[str, Published] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def publish(self, sdp: str) -> tuple[str, str]:
+        """Answer a publisher's offer; returns (stream id, SDP answer)."""
+        check_offer(sdp, "offer")
+        stream_id = secrets.token_urlsafe(16)
+        peer = await self.peers.open_peer(lambda _: self._forget(stream_id))
+        output = StylizedTrack(peer.session)
+        self.streams[stream_id] = published = Published(peer, output)
+        await self.peers.negotiate(peer, sdp, send_back=False)  # WHIP is send-only: players use WHEP
+        # Read the output even with nobody watching: the session stays live (the engine reaps
+        # sessions nobody reads) and the first player gets the newest frame at once.
+        published.drain = self._spawn(discard_frames(published.relay.subscribe(output, buffered=False)))
+        return stream_id, peer.pc.localDescription.sdp
+
+    async def watch(self, stream_id: str, sdp: str) -> tuple[str, str]:
+        """Answer a player's receive-only offer with stream ``stream_id``; returns (viewer id, SDP answer)."""
+        published = self._stream(stream_id)
+        check_offer(sdp, "offer")
+        if len(published.viewers) >= MAX_VIEWERS:
+            raise TooManyViewers(f"stream has {MAX_VIEWERS} players already")
+        viewer_id, pc = secrets.token_urlsafe(16), RTCPeerConnection()
+        published.viewers[viewer_id] = pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            pc.addTrack(FrameCopies(published.relay.subscribe(published.output, buffered=False)))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as error:  # noqa: BLE001 - any negotiation failure is the offer's fault
+            await self.stop_watching(stream_id, viewer_id)
+            raise OfferError(f"could not negotiate this offer: {type(error).__name__}: {error}") from error
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.stop_watching(stream_id, viewer_id)
+
+        return viewer_id, pc.localDescription.sdp
+
+    async def stop_watching(self, stream_id: str, viewer_id: str) -> None:
+        pc = self._stream(stream_id).viewers.pop(viewer_id, None)
+        if pc is None:
+            raise NotFound(f"no viewer {viewer_id!r} on this stream")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pc.close(), 2.0)
+
+    async def unpublish(self, stream_id: str) -> None:
+        """End a stream: its publisher, its session and every player."""
+        await self._stream(stream_id).publisher.close()
+
+    async def close(self) -> None:
+        """End every stream and player, and wait (briefly) for what that started."""
+        await asyncio.gather(*(self.unpublish(s) for s in list(self.streams)), return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 3.0)
+
+    def _stream(self, stream_id: str) -> Published:
+        if stream_id not in self.streams:
+            raise NotFound("no such stream (ended, or never published)")
+        return self.streams[stream_id]
+
+    def _forget(self, stream_id: str) -> None:
+        """The publisher closed (DELETE, vanished, failed): stop the drain and every player."""
+        published = self.streams.pop(stream_id, None)
+        if published is None:
+            return
+        if published.drain is not None:
+            published.drain.cancel()  # the relay's own reader ends with the output track below
+        published.output.stop()
+        for pc in published.viewers.values():
+            self._spawn(pc.close())
+
+
+SDP = "application/sdp"
+
+
+def add_whip_routes(app: FastAPI, hub: WhipHub) -> None:
+    """``/whip`` and ``/whep``: SDP in, SDP out, resources by ``Location`` (RFC 9725 and WHEP)."""
+
+    @app.post("/whip")
+    async def whip(request: Request) -> Response:
+        return await _created(request, hub.publish, lambda stream_id: f"/whip/{stream_id}",
+                              lambda stream_id: {"Link": f'</whep/{stream_id}>; rel="alternate"'})
+
+    @app.delete("/whip/{stream_id}")
+    async def whip_delete(stream_id: str) -> Response:
+        return await _deleted(hub.unpublish(stream_id))
+
+    @app.post("/whep/{stream_id}")
+    async def whep(stream_id: str, request: Request) -> Response:
+        return await _created(request, lambda sdp: hub.watch(stream_id, sdp),
+                              lambda viewer_id: f"/whep/{stream_id}/{viewer_id}")
+
+    @app.delete("/whep/{stream_id}/{viewer_id}")
+    async def whep_delete(stream_id: str, viewer_id: str) -> Response:
+        return await _deleted(hub.stop_watching(stream_id, viewer_id))
+
+    @app.patch("/whip/{stream_id}")
+    @app.patch("/whep/{stream_id}/{viewer_id}")
+    async def no_trickle() -> Response:  # every candidate is in the answer already
+        return _problem(405, "trickle ICE is not supported: the answer carries every candidate",
+                        {"Allow": "DELETE"})
+
+
+async def _created(request: Request, answer, location, extra=lambda _: {}) -> Response:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != SDP:
+        return _problem(415, f"the body must be an SDP offer with Content-Type: {SDP}")
+    body = await request.body()
+    if len(body) > MAX_SDP_BYTES:
+        return _problem(413, f"the SDP offer is larger than {MAX_SDP_BYTES} bytes")
+    try:
+        resource, sdp = await answer(body.decode("utf-8", errors="replace"))
+    except NotFound as error:
+        return _problem(404, str(error))
+    except (EngineBusyError, TooManyViewers) as error:
+        return _problem(503, f"server busy: {error}")
+    except OfferError as error:
+        return _problem(400, f"bad offer: {error}")
+    return Response(sdp, status_code=201, media_type=SDP, headers={"Location": location(resource), **extra(resource)})
+
+
+async def _deleted(closing) -> Response:
+    try:
+        await closing
+    except NotFound as error:
+        return _problem(404, str(error))
+    return Response(status_code=200)
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(detail + "\n", status_code=status, media_type="text/plain", headers=headers)
