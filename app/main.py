@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as `python app/main.py`: import the project
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a camera app
 
 from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_to_t_index_list  # noqa: E402
-from engine.cli import HelpFormatter, add_model_arguments, model_spec  # noqa: E402
+from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments, model_spec  # noqa: E402
 from engine.models import LOAD_STAGES, ModelUnavailableError  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 
@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     add_model_arguments(model)
-    model.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
-                       help="what runs the UNet and VAE: eager torch, torch.compile, or TensorRT engines")
+    add_backend_argument(model)
     model.add_argument("--trt", action="store_true", help="the same as --backend trt (NVIDIA GPUs)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
     stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture",

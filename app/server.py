@@ -102,14 +102,18 @@ class BasicAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
             return await self.app(scope, receive, send)
+        whip = _is_whip(scope.get("path", ""))
+        if whip and scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
+            return await self.app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
-        accepted = [self.expected] + ([self.bearer] if _is_whip(scope.get("path", "")) else [])
+        accepted = [self.expected] + ([self.bearer] if whip else [])
         if any(secrets.compare_digest(header.encode(), token.encode()) for token in accepted):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
+        scheme = "Bearer" if whip else "Basic"  # WHIP clients authenticate with bearer tokens (RFC 9725)
         response = Response("authentication required", status_code=401,
-                            headers={"WWW-Authenticate": 'Basic realm="diffcam"'})
+                            headers={"WWW-Authenticate": f'{scheme} realm="diffcam"'})
         await response(scope, receive, send)
 
 

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list, strength_to_t_index_list
-from engine.cli import add_model_arguments, model_spec
+from engine.backends import backend_missing, prepare_backend
+from engine.cli import add_backend_argument, add_model_arguments, model_spec
 from engine.models import ModelUnavailableError, load_components
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(parser)
+    add_backend_argument(parser)
     parser.add_argument("--input", default="synthetic", help="a video file, or 'synthetic' for a generated clip")
     parser.add_argument("--output", default="out/stylized.mp4", help="where to write the result (.mp4 or .avi)")
     parser.add_argument("--frames", type=int, default=120, help="stop after this many input frames")
@@ -109,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = stream_config(args)
         frames, fps = read_frames(args.input, args.frames, args.height, args.width)
-        components = load_components(model_spec(args))
-    except (ValueError, FileNotFoundError, ModelUnavailableError) as error:
+        missing = backend_missing(args.backend, model_spec(args).resolved_device())
+        if missing is not None:
+            raise ValueError(f"--backend {args.backend} needs {missing}")
+        components, unet = prepare_backend(args.backend, load_components(model_spec(args)), config)
+    except (ValueError, RuntimeError, FileNotFoundError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"model {components.name} on {components.device} ({components.dtype}), {config.width}x{config.height}, "
+    print(f"model {components.name} on {components.device} ({components.dtype}), backend {args.backend}, "
+          f"{config.width}x{config.height}, "
           f"t_index_list={config.t_index_list}, cfg={config.cfg_type}")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = cv2.VideoWriter(str(output), fourcc, fps, (config.width, config.height))
     started = time.perf_counter()
     try:
-        written = stylize(StreamDiffusion(components, config), frames, writer, args.frames)
+        written = stylize(StreamDiffusion(components, config, unet=unet), frames, writer, args.frames)
     finally:
         writer.release()
     elapsed = time.perf_counter() - started

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = fractions.Fraction(1, 90000)
 STATS_PERIOD = 1.0
+FIRST_FRAME_TIMEOUT = 20.0
 #: What a data-channel message may change; everything else is refused (no paths, no models).
 CONTROL_FIELDS = frozenset({
     "prompt", "negative_prompt", "guidance_scale", "delta", "seed", "strength", "t_index_list",
@@ -109,9 +110,12 @@ class Peer:
 
     async def _feed(self, track: MediaStreamTrack) -> None:
         """Submit every newest camera frame to the engine; it converts to RGB only the frames it takes."""
+        # the first frame waits for ICE, DTLS and a keyframe too (OBS may send one every few seconds)
+        timeout = max(self.input_timeout, FIRST_FRAME_TIMEOUT)
         while True:
             try:  # a camera that stops (tab gone, network lost) ends the peer long before ICE gives up
-                frame = await asyncio.wait_for(track.recv(), self.input_timeout)
+                frame = await asyncio.wait_for(track.recv(), timeout)
+                timeout = self.input_timeout
             except (MediaStreamError, asyncio.TimeoutError):
                 await self.close()
                 return
@@ -161,15 +165,17 @@ class Peer:
             return
         self._closed = True
         self.session.close()
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=2.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.pc.close(), timeout=2.0)
-        self._on_closed(self)
+        try:
+            current = asyncio.current_task()
+            tasks = [t for t in self._tasks if t is not current]
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pc.close(), timeout=2.0)
+        finally:  # even when the close itself is cancelled, the owner forgets this peer
+            self._on_closed(self)
 
 
 class PeerManager:
@@ -207,9 +213,9 @@ class PeerManager:
         the stylized video goes back on the same connection. A failure closes the peer."""
         try:
             await self._negotiate(peer, sdp, send_back)
-        except Exception as error:
-            await peer.close()
-            if isinstance(error, OfferError):
+        except BaseException as error:  # cancelled too: the session must not outlive a half-made peer
+            await asyncio.shield(peer.close())
+            if isinstance(error, OfferError) or not isinstance(error, Exception):
                 raise
             raise OfferError(f"could not negotiate this offer: {type(error).__name__}: {error}") from error
 

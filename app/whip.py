@@ -96,6 +96,8 @@ class WhipHub:
         output = StylizedTrack(peer.session)
         self.streams[stream_id] = published = Published(peer, output)
         await self.peers.negotiate(peer, sdp, send_back=False)  # WHIP is send-only: players use WHEP
+        if stream_id not in self.streams or peer.session.closed:  # the publisher went while we answered
+            raise OfferError("the publisher's connection closed during negotiation")
         # Read the output even with nobody watching: the session stays live (the engine reaps
         # sessions nobody reads) and the first player gets the newest frame at once.
         published.drain = self._spawn(discard_frames(published.relay.subscribe(output, buffered=False)))
@@ -113,23 +115,34 @@ class WhipHub:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             pc.addTrack(FrameCopies(published.relay.subscribe(published.output, buffered=False)))
             await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as error:  # noqa: BLE001 - any negotiation failure is the offer's fault
-            await self.stop_watching(stream_id, viewer_id)
+        except BaseException as error:
+            await asyncio.shield(self._drop_viewer(published, viewer_id))
+            if not isinstance(error, Exception):
+                raise
             raise OfferError(f"could not negotiate this offer: {type(error).__name__}: {error}") from error
+        if self.streams.get(stream_id) is not published:  # the stream ended while we answered
+            await self._drop_viewer(published, viewer_id)
+            raise NotFound("the stream ended")
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
-                await self.stop_watching(stream_id, viewer_id)
+                await self._drop_viewer(published, viewer_id)
 
         return viewer_id, pc.localDescription.sdp
 
     async def stop_watching(self, stream_id: str, viewer_id: str) -> None:
-        pc = self._stream(stream_id).viewers.pop(viewer_id, None)
-        if pc is None:
+        if not await self._drop_viewer(self._stream(stream_id), viewer_id):
             raise NotFound(f"no viewer {viewer_id!r} on this stream")
+
+    async def _drop_viewer(self, published: Published, viewer_id: str) -> bool:
+        """Close one player; False when it was gone already (closing twice is no error)."""
+        pc = published.viewers.pop(viewer_id, None)
+        if pc is None:
+            return False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pc.close(), 2.0)
+        return True
 
     async def unpublish(self, stream_id: str) -> None:
         """End a stream: its publisher, its session and every player."""
@@ -159,15 +172,37 @@ class WhipHub:
 
 
 SDP = "application/sdp"
+#: WHIP/WHEP clients may be web pages on other origins; credentials are bearer tokens, not cookies
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Expose-Headers": "Location, Link",
+}
 
 
 def add_whip_routes(app: FastAPI, hub: WhipHub) -> None:
     """``/whip`` and ``/whep``: SDP in, SDP out, resources by ``Location`` (RFC 9725 and WHEP)."""
 
     @app.post("/whip")
+    @app.post("/whip/")  # a trailing slash is easy to paste into OBS
     async def whip(request: Request) -> Response:
         return await _created(request, hub.publish, lambda stream_id: f"/whip/{stream_id}",
                               lambda stream_id: {"Link": f'</whep/{stream_id}>; rel="alternate"'})
+
+    @app.options("/whip")
+    @app.options("/whip/")
+    @app.options("/whip/{stream_id}")
+    @app.options("/whep/{stream_id}")
+    @app.options("/whep/{stream_id}/{viewer_id}")
+    async def preflight() -> Response:  # CORS for browser players; Accept-Post as RFC 9725 asks
+        return Response(status_code=204, headers={**CORS, "Accept-Post": SDP})
+
+    for path, allowed in (("/whip", "POST, OPTIONS"), ("/whep/{stream_id}", "POST, OPTIONS"),
+                          ("/whip/{stream_id}", "DELETE, PATCH, OPTIONS"),
+                          ("/whep/{stream_id}/{viewer_id}", "DELETE, PATCH, OPTIONS")):
+        methods = sorted({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"} - set(allowed.split(", ")))
+        app.add_api_route(path, _not_allowed(allowed), methods=methods, include_in_schema=False)
 
     @app.delete("/whip/{stream_id}")
     async def whip_delete(stream_id: str) -> Response:
@@ -186,7 +221,14 @@ def add_whip_routes(app: FastAPI, hub: WhipHub) -> None:
     @app.patch("/whep/{stream_id}/{viewer_id}")
     async def no_trickle() -> Response:  # every candidate is in the answer already
         return _problem(405, "trickle ICE is not supported: the answer carries every candidate",
-                        {"Allow": "DELETE"})
+                        {"Allow": "DELETE, OPTIONS"})
+
+
+def _not_allowed(allowed: str):
+    async def refuse(request: Request) -> Response:
+        return _problem(405, f"{request.method} is not allowed here; allowed: {allowed}", {"Allow": allowed})
+
+    return refuse
 
 
 async def _created(request: Request, answer, location, extra=lambda _: {}) -> Response:
@@ -203,7 +245,8 @@ async def _created(request: Request, answer, location, extra=lambda _: {}) -> Re
         return _problem(503, f"server busy: {error}")
     except OfferError as error:
         return _problem(400, f"bad offer: {error}")
-    return Response(sdp, status_code=201, media_type=SDP, headers={"Location": location(resource), **extra(resource)})
+    return Response(sdp, status_code=201, media_type=SDP,
+                    headers={**CORS, "Location": location(resource), **extra(resource)})
 
 
 async def _deleted(closing) -> Response:
@@ -211,8 +254,8 @@ async def _deleted(closing) -> Response:
         await closing
     except NotFound as error:
         return _problem(404, str(error))
-    return Response(status_code=200)
+    return Response(status_code=200, headers=CORS)
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(detail + "\n", status_code=status, media_type="text/plain", headers=headers)
+    return Response(detail + "\n", status_code=status, media_type="text/plain", headers={**CORS, **(headers or {})})

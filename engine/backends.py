@@ -33,12 +33,15 @@ class UNetFn(Protocol):
 @dataclass(frozen=True)
 class BackendOptions:
     """What a backend may need beyond the components: how many streams share a UNet call
-    (the shapes to build for), the model's name and LoRA (engine cache keys), progress lines."""
+    (the shapes to build for), the model's name and LoRA (engine cache keys), progress lines,
+    and whether it may free the torch modules it replaces."""
 
     sessions: int = 1
     model: str = ""
     lora: str | None = None
     progress: Callable[[str], None] = field(default=lambda stage: None, compare=False)
+    #: free the GPU memory of torch modules the backend replaces (off where they are still used)
+    release: bool = True
 
 
 Prepare = Callable[[Components, StreamConfig, BackendOptions], tuple[Components, UNetFn]]

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.backends import UNetFn, prepare_backend
+from engine.backends import BackendOptions, UNetFn, prepare_backend
 from engine.components import Components
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = {}
     if args.backend != "torch":
         print(f"preparing the {args.backend} backend", file=sys.stderr)
-        backends[args.backend] = prepare_backend(args.backend, components, config)
+        # the eager baselines still use the torch modules: the backend must not free them
+        backends[args.backend] = prepare_backend(args.backend, components, config, BackendOptions(release=False))
     bench = Bench(components, full_vae, config, backends)
     frames = moving_frames(args.frames, size, size)
     print(f"benchmarking {args.preset} at {size}x{size}, {args.frames} frames x {args.rounds} rounds", file=sys.stderr)

@@ -32,3 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The :class:`ModelSpec` the model flags describe."""
     return ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora, device=args.device, dtype=args.dtype)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--backend torch|compile|trt``: what runs the UNet and the VAE (see :mod:`engine.backends`)."""
+    parser.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
+                        help="what runs the UNet and VAE: eager torch, torch.compile, or TensorRT engines")

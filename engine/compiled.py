@@ -2,16 +2,18 @@
 
 Inductor fuses the UNet's elementwise work into generated kernels (C++ on the CPU, Triton on
 GPUs); on a GPU ``reduce-overhead`` also replays each shape as a CUDA graph, which is where
-the stream batch's many small kernels win most. Shapes are compiled as they come (a new
-number of sessions per call compiles once more); the first frame of each shape pays for it.
+the stream batch's many small kernels win most. Shapes are compiled as they come: the first
+frame of a new shape pays for it (see :func:`_compiled`).
 """
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from engine.backends import BackendOptions, UNetFn, torch_unet
 from engine.components import Components, Vae
@@ -25,8 +27,31 @@ class CompiledVae(torch.nn.Module):
         super().__init__()
         self.vae = vae
         self.config = vae.config
-        self.encode = torch.compile(vae.encode, mode=mode, dynamic=False)
-        self.decode = torch.compile(vae.decode, mode=mode, dynamic=False)
+        self.encode = _compiled(vae.encode, mode)
+        self.decode = _compiled(vae.decode, mode)
+
+
+def _compiled(function: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+    """``function`` compiled; with CUDA graphs, every call is a step of its own with outputs of its own.
+
+    CUDA graph trees reuse a graph's output memory on its next replay. The engine sometimes keeps
+    one call's outputs past the next call: when a shared call fails, it retries each stream
+    alone and only then uses the results. So each call starts a new step and returns copies.
+    A copy of the prediction or the pictures costs little beside the UNet.
+
+    Shapes are static at first. The first new shape (another number of sessions per call)
+    recompiles with a dynamic batch, and later ones reuse that. Each new shape still records a
+    CUDA graph on its first call, so that frame is slow.
+    """
+    compiled = torch.compile(function, mode=mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, compiled(*args, **kwargs))
+
+    return call
 
 
 def compile_mode(device: torch.device) -> str | None:
@@ -38,7 +63,7 @@ def prepare_compiled(components: Components, config: StreamConfig,
                      options: BackendOptions) -> tuple[Components, UNetFn]:
     mode = compile_mode(components.device)
     options.progress("compiling with torch.compile (each new shape compiles on its first frame)")
-    unet = torch.compile(components.unet, mode=mode, dynamic=False)
+    unet = _compiled(components.unet, mode)
     return replace(components, vae=CompiledVae(components.vae, mode)), torch_unet(unet)  # type: ignore[arg-type]
 
 

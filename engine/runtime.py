@@ -90,21 +90,23 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         components, unet = self._given
         if components is not None:
-            ready = [(components, unet) if unet is not None else await asyncio.to_thread(self._prepare, components)]
+            # the caller's components may be in use elsewhere: the backend must not free them
+            ready = [(components, unet) if unet is not None
+                     else await asyncio.to_thread(self._prepare, components, False)]
         else:
             devices = self.config.devices or (self.config.model.device,)
             loaded = [await asyncio.to_thread(load_components, replace(self.config.model, device=device))
                       for device in devices]
-            ready = [await asyncio.to_thread(self._prepare, c) for c in loaded]
+            ready = [await asyncio.to_thread(self._prepare, c, True) for c in loaded]
         self._workers = [Worker(c, u, self.metrics, self.config.max_batch) for c, u in ready]
         for worker in self._workers:
             worker.start()
         self._reaper = asyncio.create_task(self._reap_idle(), name="diffcam-engine-reaper")
 
-    def _prepare(self, components: Components) -> tuple[Components, UNetFn]:
+    def _prepare(self, components: Components, release: bool) -> tuple[Components, UNetFn]:
         """``components`` ready for the configured backend (compiling or building engines can take minutes)."""
         options = BackendOptions(sessions=min(self.config.max_sessions, self.config.max_batch),
-                                 model=self.config.model.model, lora=self.config.model.lcm_lora)
+                                 model=self.config.model.model, lora=self.config.model.lcm_lora, release=release)
         return prepare_backend(self.config.backend, components, self.config.stream, options)
 
     async def open_session(self, **params: Any) -> Session:

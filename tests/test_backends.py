@@ -35,7 +35,11 @@ def backend_or_skip(name: str) -> str:
 @pytest.fixture(params=sorted(BACKENDS), scope="module")
 def prepared(request, tiny):
     name = backend_or_skip(request.param)
-    return name, prepare_backend(name, tiny, CONFIG)
+    yield name, prepare_backend(name, tiny, CONFIG)
+    if name == "compile":  # inductor's compile workers would otherwise take CPU from the tests after these
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
 
 
 def test_each_backend_streams_the_torch_backends_pictures(tiny, prepared) -> None:

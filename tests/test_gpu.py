@@ -6,6 +6,8 @@ on a machine with one.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from engine.config import StreamConfig
 from engine.presets import build_preset
 from engine.runtime import Engine, EngineConfig
 from engine.stream import StreamDiffusion
-from tests.test_runtime import lockstep, solo
+from tests.test_runtime import lockstep, solo, wait_until
 
 pytestmark = pytest.mark.gpu
 
@@ -62,3 +64,35 @@ def test_sd_turbo_architecture_runs_a_512_stream_in_fp16() -> None:
     outputs = [stream(frame) for frame in frames(3, 512)]
     assert outputs[0] is None and outputs[-1].shape == (512, 512, 3)
     assert outputs[-1].std() > 1, "a flat picture means the random model collapsed"
+
+
+async def in_step(sessions: list, frames_now: list[np.ndarray], pts: int, collected: list[list]) -> None:
+    """Submit one frame to each session, wait until all went through (compiling can take minutes), collect."""
+    targets = [s.metrics.processed + 1 for s in sessions]
+    for session, picture in zip(sessions, frames_now):
+        session.submit(picture, pts=pts)
+    await wait_until(lambda: [s.metrics.processed for s in sessions] == targets, timeout=300)
+    await asyncio.sleep(0)
+    for session, bucket in zip(sessions, collected):
+        if session._output is not None:
+            bucket.append(await session.next_output())
+
+
+async def test_the_compile_backend_with_cuda_graphs_serves_sessions_like_eager(gpu_tiny) -> None:
+    """CUDA graph trees reuse output memory, and a second session changes the batch shape mid-stream."""
+    config = CONFIG.with_updates(prompt="ink drawing")
+    inputs = frames(6)
+    outputs: list[list] = [[], []]
+    engine_config = EngineConfig(stream=config, backend="compile", max_sessions=2, idle_timeout=600)  # compiling is slow
+    async with Engine(engine_config, components=gpu_tiny) as engine:
+        first = await engine.open_session()
+        for k in range(3):
+            await in_step([first], [inputs[k]], k, outputs[:1])
+        second = await engine.open_session()
+        for k in range(3, 6):
+            await in_step([first, second], [inputs[k], inputs[k]], k, outputs)
+    pairs = [(outputs[0], solo(gpu_tiny, config, inputs)), (outputs[1], solo(gpu_tiny, config, inputs[3:]))]
+    for got, want in pairs:
+        assert len(got) == len(want) > 0
+        for output, frame in zip(got, want):
+            assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2

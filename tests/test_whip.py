@@ -15,6 +15,19 @@ from aiortc.mediastreams import MediaStreamError
 from tests.test_app_webrtc import mean_abs, moving_camera, running  # noqa: F401 - the app fixture
 
 SDP = {"Content-Type": "application/sdp"}
+VIDEO_WITHOUT_ICE = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n" \
+                    "c=IN IP4 0.0.0.0\r\na=rtpmap:96 VP8/90000\r\na=sendonly\r\na=mid:0\r\n"
+
+
+@pytest.fixture(autouse=True)
+async def no_loop_errors():
+    """An exception no one awaited (a callback raising after a player left, say) fails the test."""
+    loop, errors = asyncio.get_running_loop(), []
+    loop.set_exception_handler(lambda _, context: errors.append(context.get("exception") or context["message"]))
+    yield
+    await asyncio.sleep(0.2)
+    loop.set_exception_handler(None)
+    assert not errors, errors
 
 
 class Publisher:
@@ -137,10 +150,15 @@ async def test_bad_whip_and_whep_requests_get_clear_4xx_and_nothing_leaks(runnin
             (await http.post("/whep/no-such-stream", content="v=0\r\n", headers=SDP), 404),
             (await http.delete("/whip/no-such-stream"), 404),
             (await http.patch("/whip/anything", content="a=candidate", headers={"Content-Type": "application/trickle-ice-sdpfrag"}), 405),
+            (await http.get("/whip"), 405),
+            (await http.post("/whip", content=VIDEO_WITHOUT_ICE, headers=SDP), 400),  # a session opens, then closes
         ]
         for response, status in cases:
             assert response.status_code == status, (response.request.method, response.request.url, response.text)
             assert response.text.strip(), "every refusal says why"
+        preflight = await http.options("/whip")
+        assert preflight.status_code == 204 and preflight.headers["accept-post"] == "application/sdp"
+        assert "Location" in preflight.headers["access-control-expose-headers"]
     assert running.engine.snapshot()["sessions_active"] == 0
 
 
@@ -154,16 +172,25 @@ async def test_whip_is_busy_at_capacity_like_the_page(running) -> None:
 
 
 @pytest.mark.parametrize("running", [{"auth": ("me", "secret")}], indirect=True)
-async def test_with_auth_whip_takes_the_password_as_a_bearer_token(running) -> None:
-    refused, accepted = Publisher(), Publisher()
+async def test_with_auth_whip_and_whep_take_the_password_as_a_bearer_token(running) -> None:
+    refused, accepted, basic, player = Publisher(), Publisher(), Publisher(), Player()
+    bearer = {"Authorization": "Bearer secret"}
     try:
-        assert (await refused.publish(running.url)).status_code == 401
+        denied = await refused.publish(running.url)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Bearer")
         assert (await refused.publish(running.url, {"Authorization": "Bearer wrong"})).status_code == 401
-        assert (await accepted.publish(running.url, {"Authorization": "Bearer secret"})).status_code == 201
+        published = await accepted.publish(running.url, bearer)
+        assert published.status_code == 201
+        assert (await basic.publish(running.url, {"Authorization": "Basic bWU6c2VjcmV0"})).status_code == 201
+        stream = published.headers["location"].rsplit("/", 1)[1]
         async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
-            assert (await http.post("/offer", json={}, headers={"Authorization": "Bearer secret"})).status_code == 401
+            assert (await http.post(f"/whep/{stream}", content="v=0\r\n", headers=SDP)).status_code == 401
+            assert (await http.post("/offer", json={}, headers=bearer)).status_code == 401  # the page's API: Basic only
+            assert (await http.options("/whip")).status_code == 204  # preflights carry no credentials
+            assert (await http.delete(published.headers["location"])).status_code == 401
+            assert (await http.delete(published.headers["location"], headers=bearer)).status_code == 200
     finally:
-        await asyncio.gather(refused.pc.close(), accepted.pc.close())
+        await asyncio.gather(refused.pc.close(), accepted.pc.close(), basic.pc.close(), player.close())
 
 
 async def test_every_player_encodes_its_own_copy_of_each_frame() -> None:

@@ -184,4 +184,4 @@ def prepare_trt(components: Components, config: StreamConfig,
     """The ``trt`` backend: engines for ``config``'s shapes with ``options.sessions`` streams per call."""
     plan = BuildPlan(components, stream_profile(config, options.sessions), model=options.model or components.name,
                      lora=options.lora)
-    return accelerate(plan, options.progress, release_torch=True)
+    return accelerate(plan, options.progress, release_torch=options.release)
