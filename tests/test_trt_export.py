@@ -181,8 +181,8 @@ def test_weights_fingerprint_follows_the_weights(tiny) -> None:
     assert weights_fingerprint(tiny.unet) == weights_fingerprint(build_preset("tiny").unet)
     changed = build_preset("tiny").unet
     with torch.no_grad():
-        for parameter in changed.parameters():
-            parameter.mul_(1.001)  # what a LoRA fuse or a fine-tune does, at its smallest
+        largest = max(changed.parameters(), key=lambda p: p.numel())
+        largest.view(-1)[1] += 1e-3  # one value of the largest tensor: still another engine
     assert weights_fingerprint(changed) != weights_fingerprint(tiny.unet)
     rescaled = build_preset("tiny").vae
     rescaled.register_to_config(scaling_factor=0.5)  # baked into the exported VAE graphs, not a weight

@@ -81,6 +81,7 @@ class BuildPlan:
     lora: str | None = None
     fp16: bool = True
     cache: EngineCache = dataclasses.field(default_factory=EngineCache)
+    _fingerprints: dict[int, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def precision(self) -> str:
@@ -98,12 +99,19 @@ class BuildPlan:
 
     def key(self, spec: ExportSpec, tensorrt: str, gpu: tuple[str, str]) -> EngineKey:
         compute_capability, name = gpu
-        return EngineKey(part=spec.part, model=self.model, weights=weights_fingerprint(spec.module), lora=self.lora,
+        return EngineKey(part=spec.part, model=self.model, weights=self.fingerprint(spec), lora=self.lora,
                          profile=self.profile, precision=self.precision, tensorrt=tensorrt,
                          compute_capability=compute_capability, gpu=name, opset=OPSET)
 
     def onnx_path(self, spec: ExportSpec) -> Path:
-        return self.cache.root / "onnx" / f"{spec.part}-{weights_fingerprint(spec.module)}.onnx"
+        return self.cache.root / "onnx" / f"{spec.part}-{self.fingerprint(spec)}.onnx"
+
+    def fingerprint(self, spec: ExportSpec) -> str:
+        """The exported module's weights fingerprint, read once per model (the VAE serves two parts)."""
+        model = next(spec.module.children())
+        if id(model) not in self._fingerprints:
+            self._fingerprints[id(model)] = weights_fingerprint(spec.module)
+        return self._fingerprints[id(model)]
 
 
 def prepare_onnx(spec: ExportSpec, target: Path, device: torch.device) -> CleanReport:
