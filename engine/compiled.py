@@ -2,8 +2,9 @@
 
 Inductor fuses the UNet's elementwise work into generated kernels (C++ on the CPU, Triton on
 GPUs); on a GPU ``reduce-overhead`` also replays each shape as a CUDA graph, which is where
-the stream batch's many small kernels win most. Shapes are compiled as they come: the first
-frame of a new shape pays for it (see :func:`_compiled`).
+the stream batch's many small kernels win most. Every shape the worker can send (1 to
+``sessions`` streams per call) compiles when the backend starts (:func:`warm_up`), so a user
+joining never freezes the others' streams.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils._pytree import tree_map_only
 from engine.backends import BackendOptions, UNetFn, torch_unet
 from engine.components import Components, Vae
 from engine.config import StreamConfig
+from engine.vae import decode_latents, encode_latents
 
 
 class CompiledVae(torch.nn.Module):
@@ -62,9 +64,33 @@ def compile_mode(device: torch.device) -> str | None:
 def prepare_compiled(components: Components, config: StreamConfig,
                      options: BackendOptions) -> tuple[Components, UNetFn]:
     mode = compile_mode(components.device)
-    options.progress("compiling with torch.compile (each new shape compiles on its first frame)")
-    unet = _compiled(components.unet, mode)
-    return replace(components, vae=CompiledVae(components.vae, mode)), torch_unet(unet)  # type: ignore[arg-type]
+    compiled = replace(components, vae=CompiledVae(components.vae, mode))
+    unet = torch_unet(_compiled(components.unet, mode))  # type: ignore[arg-type]
+    warm_up(compiled, unet, config, options)
+    return compiled, unet
+
+
+@torch.inference_mode()
+def warm_up(components: Components, unet: UNetFn, config: StreamConfig, options: BackendOptions) -> None:
+    """Compile now every shape the runtime will send, 1 to ``options.sessions`` streams per call.
+
+    Otherwise the first call of each new shape compiles inside the worker, and every live
+    stream freezes for that long when a second user joins.
+    """
+    from engine.stream import StreamDiffusion  # noqa: PLC0415 - the stream imports the backends
+
+    probe = StreamDiffusion(components, config, unet=unet)
+    height, width = config.latent_size
+    rows = config.unet_batch_size
+    for sessions in range(1, options.sessions + 1):
+        options.progress(f"compiling for {sessions} stream(s) per call (torch.compile, once per shape)")
+        images = torch.zeros(sessions * config.frame_buffer_size, 3, config.height, config.width,
+                             device=components.device, dtype=components.dtype)
+        latents = encode_latents(components.vae, images)
+        sample = torch.zeros(sessions * rows, components.latent_channels, height, width,
+                             device=components.device, dtype=components.dtype)
+        unet(sample, probe._unet_timesteps.repeat(sessions), probe._unet_embeds.repeat(sessions, 1, 1))
+        decode_latents(components.vae, latents)
 
 
 def compile_missing(device: torch.device) -> str | None:

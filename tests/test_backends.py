@@ -76,3 +76,22 @@ def test_a_backend_that_cannot_run_says_what_it_lacks(tiny, monkeypatch) -> None
     assert "C++ compiler" in backend_missing("compile", CPU)
     with pytest.raises(RuntimeError, match="the compile backend needs a C\\+\\+ compiler"):
         prepare_backend("compile", tiny, CONFIG)
+
+
+def test_the_compile_backend_compiles_every_shape_before_streams_start(tiny) -> None:
+    """A second session must not freeze the first while its batch shape compiles: every shape the
+    worker can send (1 to ``sessions`` streams per call, VAE and UNet) compiles when the backend starts."""
+    import torch._dynamo.utils
+
+    from engine.backends import BackendOptions
+    from engine.batch import FrameJob, run_jobs
+
+    backend_or_skip("compile")
+    components, unet = prepare_backend("compile", tiny, CONFIG, BackendOptions(sessions=3))
+    compiled_at_start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    streams = [StreamDiffusion(components, CONFIG.with_updates(prompt=p), unet=unet) for p in ("ink", "neon", "oil")]
+    for k, picture in enumerate(frames(5)):
+        jobs = [FrameJob(stream, picture) for stream in streams[: 1 + k % 3]]  # 1, 2, 3, 1, 2 streams per call
+        sizes = run_jobs(jobs, unet, components.vae)
+        assert sizes["unet_streams"] == len(jobs) and all(job.error is None for job in jobs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_at_start, "a shape compiled mid-stream"
