@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -106,8 +105,8 @@ def prepare(components, config: StreamConfig, args: argparse.Namespace):
     from engine.backends import BackendOptions, prepare_backend
     from engine.runtime import EngineConfig
 
-    options = BackendOptions(sessions=min(args.max_sessions, EngineConfig(stream=config).max_batch), model=args.model,
-                             lora=args.lcm_lora,
+    sessions = EngineConfig(stream=config, max_sessions=args.max_sessions).sessions_per_call
+    options = BackendOptions(sessions=sessions, model=args.model, lora=args.lcm_lora,
                              progress=lambda stage: print(f"  {stage}", file=sys.stderr, flush=True))
     try:
         return prepare_backend(backend_name(args), components, config, options)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = fractions.Fraction(1, 90000)
 STATS_PERIOD = 1.0
+MAX_SDP_BYTES = 100_000
 FIRST_FRAME_TIMEOUT = 20.0
 #: What a data-channel message may change; everything else is refused (no paths, no models).
 CONTROL_FIELDS = frozenset({
@@ -272,8 +273,8 @@ def check_offer(sdp: Any, kind: Any) -> None:
         raise OfferError(f'"type" must be "offer", got {kind!r}')
     if not isinstance(sdp, str) or not sdp.startswith("v=0"):
         raise OfferError('"sdp" must be an SDP offer string starting with "v=0"')
-    if len(sdp) > 100_000:
-        raise OfferError("the SDP is larger than 100 kB")
+    if len(sdp) > MAX_SDP_BYTES:
+        raise OfferError(f"the SDP is larger than {MAX_SDP_BYTES} bytes")
     if "\nm=video" not in sdp.replace("\r\n", "\n"):
         raise OfferError("the offer has no video (m=video) section; diffcam needs a camera track")
 

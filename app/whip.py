@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from aiortc.contrib.media import MediaRelay
 
-from app.webrtc import OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
+from app.webrtc import MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
 from engine.session import EngineBusyError
 
 MAX_VIEWERS = 8
-MAX_SDP_BYTES = 100_000
 
 
 class NotFound(LookupError):

@@ -44,6 +44,11 @@ class EngineConfig:
     idle_timeout: float = 30.0             # close a session nobody has read from for this long
     shutdown_timeout: float = 5.0
 
+    @property
+    def sessions_per_call(self) -> int:
+        """The most streams one UNet call holds: the shapes a backend must be ready for."""
+        return min(self.max_sessions, self.max_batch)
+
     def __post_init__(self) -> None:
         if self.stream.mode != "img2img":
             raise ValueError(f"stream.mode={self.stream.mode!r}: the runtime stylizes incoming frames (img2img)")
@@ -105,7 +110,7 @@ class Engine:
 
     def _prepare(self, components: Components, release: bool) -> tuple[Components, UNetFn]:
         """``components`` ready for the configured backend (compiling or building engines can take minutes)."""
-        options = BackendOptions(sessions=min(self.config.max_sessions, self.config.max_batch),
+        options = BackendOptions(sessions=self.config.sessions_per_call,
                                  model=self.config.model.model, lora=self.config.model.lcm_lora, release=release)
         return prepare_backend(self.config.backend, components, self.config.stream, options)
 

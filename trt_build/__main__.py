@@ -20,9 +20,10 @@ from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list
 from engine.models import ModelUnavailableError, load_components
 from engine.presets import PRESETS
 from engine.quiet import quiet_libraries
+from engine.runtime import EngineConfig
 from trt_build.cache import EngineCache
 from trt_build.check import compare_with_torch
-from trt_build.pipeline import (BuildPlan, build_engines, onnx_tools_missing, prepare_onnx, stream_profile,
+from trt_build.pipeline import (BuildPlan, build_engines, onnx_tools_missing, prepare_onnx,
                                 tensorrt_missing)
 from trt_build.shapes import Range, ShapeProfile
 
@@ -61,9 +62,9 @@ def profile_from_args(args: argparse.Namespace) -> tuple[StreamConfig, ShapeProf
     if args.min_size is not None:
         for name in ("height", "width"):
             sides[name] = Range(args.min_size, getattr(config, name), args.max_size)
-    if not sides:
-        return config, stream_profile(config, args.max_sessions)  # exactly what --trt will look up
-    return config, ShapeProfile.for_stream(config, args.max_sessions, **sides)
+    # streams per call exactly as --trt counts them, so it finds these engines in the cache
+    sessions = EngineConfig(stream=config, max_sessions=args.max_sessions).sessions_per_call
+    return config, ShapeProfile.for_stream(config, sessions, **sides)
 
 
 def export_all(plan: BuildPlan, folder: Path, check: bool) -> list[dict]:

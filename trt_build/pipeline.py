@@ -63,14 +63,6 @@ def tensorrt_version() -> str | None:
     return getattr(module, "__version__", None)
 
 
-def stream_profile(config: StreamConfig, max_sessions: int) -> ShapeProfile:
-    """The profile the app needs: its UNet calls hold up to ``max_sessions`` streams (the runtime caps a call
-    at ``EngineConfig.max_batch``). ``--trt`` and ``python -m trt_build`` both use it, so they agree on keys."""
-    from engine.runtime import EngineConfig
-
-    return ShapeProfile.for_stream(config, min(max_sessions, EngineConfig(stream=config).max_batch))
-
-
 @dataclass(frozen=True)
 class BuildPlan:
     """What to build: for which components and shapes, at what precision, cached where."""
@@ -190,6 +182,6 @@ def trt_missing(device: torch.device) -> str | None:
 def prepare_trt(components: Components, config: StreamConfig,
                 options: BackendOptions) -> tuple[Components, EngineUNet]:
     """The ``trt`` backend: engines for ``config``'s shapes with ``options.sessions`` streams per call."""
-    plan = BuildPlan(components, stream_profile(config, options.sessions), model=options.model or components.name,
+    plan = BuildPlan(components, ShapeProfile.for_stream(config, options.sessions), model=options.model or components.name,
                      lora=options.lora)
     return accelerate(plan, options.progress, release_torch=options.release)
