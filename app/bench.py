@@ -7,6 +7,11 @@ server over loopback WebRTC) with runtime-alone windows (the same engine fed dir
   512×512 — fps through decode → engine plumbing → encode, and the glass-to-glass latency
   read from a frame-index barcode that survives the null model;
 - the ``small`` preset at 256×256: app fps versus runtime fps, and latency.
+
+The app runs without the Gradio page (``--no-ui``, the default here: the client only needs
+``/offer``), so the benchmark runs where Gradio is not installed. On a GPU, for example::
+
+    python -m app.bench --skip-ceiling --model sd-turbo-random --device cuda --size 512 --t-index-list 32,45
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 
-from app.serve import build_app
+from app.serve import SHUTDOWN_SECONDS, engine_app
 from engine.bench import environment, write_json
 from engine.bench_runtime import StreamStats, runtime_window
+from engine.cli import add_backend_argument
 from engine.config import StreamConfig
-from engine.models import ModelSpec, load_components
+from engine.models import ModelSpec
 from engine.null_model import build_null
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
@@ -38,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ceiling-size", type=int, default=512)
     parser.add_argument("--ceiling-fps", type=float, default=90.0, help="frames/s the client offers for the ceiling")
     parser.add_argument("--model", default="small", help="preset for the app-vs-runtime measurement")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    add_backend_argument(parser)
+    parser.add_argument("--ui", action=argparse.BooleanOptionalAction, default=False,
+                        help="mount the Gradio page too (default --no-ui: the client only needs /offer)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--t-index-list", default="0,16,32,45")
     parser.add_argument("--offer-fps", type=float, default=30.0)
@@ -48,14 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def app_window(components, config: StreamConfig, fps: float, warmup: float, seconds: float,
-                     barcode: bool) -> dict:
-    """The app on 127.0.0.1 and a client streaming to it from another process, niced.
+async def app_window(engine: Engine, fps: float, warmup: float, seconds: float, barcode: bool, ui: bool) -> dict:
+    """The app around ``engine`` on 127.0.0.1 and a client streaming to it from another process, niced.
 
     The client stands in for a browser on another machine: run niced, its encoder and decoder
     only take CPU the server leaves idle, as they would not be on the server at all.
     """
-    app, engine = build_app(components, config, max_sessions=1, idle_timeout=30)
+    config = engine.config.stream
+    app = engine_app(engine, ui=ui, start_engine=False)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -98,21 +108,30 @@ async def _watch_latency(engine: Engine, client: asyncio.subprocess.Process, tim
     return latest
 
 
-async def runtime_alone(components, config: StreamConfig, fps: float, warmup: float, seconds: float) -> dict:
-    async with Engine(EngineConfig(stream=config, max_sessions=1), components=components) as engine:
-        session = await engine.open_session()
+async def runtime_alone(engine: Engine, fps: float, warmup: float, seconds: float) -> dict:
+    config = engine.config.stream
+    session = await engine.open_session()
+    try:
         frames = [moving_frames(30, config.height, config.width)]
         stats, _ = await runtime_window(engine, [session], frames, fps, warmup, seconds)
+    finally:
+        session.close()
     st: StreamStats = stats[0]
     return {"fps": st.outputs / seconds, "latencies": st.latencies}
 
 
-async def measure(components, config: StreamConfig, fps: float, args: argparse.Namespace, barcode: bool) -> dict:
+async def measure(engine: Engine, fps: float, args: argparse.Namespace, barcode: bool) -> dict:
+    """App and runtime-alone windows, alternating, on ONE engine: both see the same compiled, captured model."""
+    async with engine:
+        return await _alternate(engine, fps, args, barcode)
+
+
+async def _alternate(engine: Engine, fps: float, args: argparse.Namespace, barcode: bool) -> dict:
     app_fps, runtime_fps, app_lat, runtime_lat, server_lat = [], [], [], [], []
     for round_index in range(args.rounds):
         warmup = 3.0 if round_index == 0 else 2.0
-        app = await app_window(components, config, fps, warmup, args.window, barcode)
-        alone = await runtime_alone(components, config, fps, warmup, args.window)
+        app = await app_window(engine, fps, warmup, args.window, barcode, args.ui)
+        alone = await runtime_alone(engine, fps, warmup, args.window)
         print(f"  round {round_index + 1}: app {app['fps']:.1f} fps, runtime {alone['fps']:.1f} fps", file=sys.stderr)
         app_fps.append(app["fps"])
         runtime_fps.append(alone["fps"])
@@ -134,28 +153,36 @@ def _p(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.array(values) * 1000, q)) if values else None
 
 
+def single_stream(config: StreamConfig, **options) -> EngineConfig:
+    return EngineConfig(stream=config, max_sessions=1, idle_timeout=30, shutdown_timeout=SHUTDOWN_SECONDS, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     from engine.config import parse_t_index_list
 
-    null = build_null()
+    device = ModelSpec(device=args.device).resolved_device()
     ceiling_config = StreamConfig(t_index_list=(49,), width=args.ceiling_size, height=args.ceiling_size,
                                   cfg_type="none", prompt="")
     ceiling = None
     if not args.skip_ceiling:
         print(f"transport ceiling: null model at {args.ceiling_size}², {args.ceiling_fps:.0f} fps offered",
               file=sys.stderr)
-        ceiling = asyncio.run(measure(null, ceiling_config, args.ceiling_fps, args, barcode=True))
-    model = load_components(ModelSpec(model=args.model))
+        # no model work to speed up: the ceiling stays on eager torch
+        null = Engine(single_stream(ceiling_config, backend="torch", graphs=False), components=build_null(device))
+        ceiling = asyncio.run(measure(null, args.ceiling_fps, args, barcode=True))
     model_config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=args.size,
                                 height=args.size, cfg_type="none", prompt="a watercolor painting")
-    print(f"app vs runtime: {args.model} at {args.size}², {args.offer_fps:.0f} fps offered", file=sys.stderr)
-    with_model = asyncio.run(measure(model, model_config, args.offer_fps, args, barcode=False))
+    model = Engine(single_stream(model_config, model=ModelSpec(model=args.model, device=args.device),
+                                 backend=args.backend), progress=lambda stage: print(f"  {stage}", file=sys.stderr))
+    print(f"app vs runtime: {args.model} at {args.size}² on {device}, backend {args.backend}, "
+          f"{args.offer_fps:.0f} fps offered (loading and preparing first)", file=sys.stderr)
+    with_model = asyncio.run(measure(model, args.offer_fps, args, barcode=False))
     summary = {"transport_ceiling": ceiling and {**ceiling, "size": args.ceiling_size, "offered_fps": args.ceiling_fps},
                "model": {**with_model, "preset": args.model, "size": args.size, "offered_fps": args.offer_fps,
-                         "t_index_list": args.t_index_list},
-               "window_s": args.window, "rounds": args.rounds, "environment": environment(model.device)}
+                         "t_index_list": args.t_index_list, "backend": model.backend},
+               "window_s": args.window, "rounds": args.rounds, "environment": environment(device)}
     print_table(summary)
     write_json(args.json, summary)
     return 0
@@ -178,8 +205,8 @@ def print_table(summary: dict) -> None:
         cells = [f"{v:>14.2f}" if i < 3 else f"{'-' if v is None else f'{v:.0f}':>14}" for i, v in enumerate(values)]
         print(f"{name:<22}  " + "  ".join(cells))
     env = summary["environment"]
-    print(f"torch {env['torch']} on {env['device']}, {env['threads']} threads; server p50: submit to output "
-          "inside the app; glass: camera to client screen (barcoded frames)")
+    print(f"torch {env['torch']} on {env['device']}, {env['threads']} threads, backend {m['backend']}; "
+          "server p50: submit to output inside the app; glass: camera to client screen (barcoded frames)")
 
 if __name__ == "__main__":
     sys.exit(main())

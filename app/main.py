@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--idle-timeout", type=float, default=30.0, help="seconds before an abandoned stream is freed")
     server.add_argument("--share", action="store_true",
                         help="also open a public link through Gradio's share servers (needs internet)")
+    server.add_argument("--no-ui", action="store_true",
+                        help="serve without the Gradio page: signalling (/offer), WHIP/WHEP, /healthz and /metrics "
+                             "only (headless and OBS use)")
     server.add_argument("--auth", default=None, metavar="USER:PASS", help="protect the page and /offer")
     server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
     server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")
@@ -80,6 +83,8 @@ def check_server_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port {args.port} is out of range; allowed: [1, 65535]")
     if not 100 <= args.bitrate <= 50_000:
         raise ValueError(f"--bitrate {args.bitrate} kbit/s is out of range; allowed: [100, 50000]")
+    if args.share and args.no_ui:
+        raise ValueError("--share opens a link to the Gradio page, which --no-ui turns off; use one or the other")
     if args.auth is not None:
         from app.server import parse_auth
 
@@ -100,36 +105,44 @@ def check_backend(args: argparse.Namespace) -> None:
         raise StartupError(f"{flag} needs {missing}")
 
 
-def prepare(components, config: StreamConfig, args: argparse.Namespace):
-    """Components and UNet function for the backend: compiled, or TensorRT engines from the cache or built now."""
-    from engine.backends import BackendOptions, prepare_backend
-    from engine.runtime import EngineConfig
+def build_engine(args: argparse.Namespace, config: StreamConfig):
+    """The engine the flags describe; nothing is loaded yet (see :func:`load`)."""
+    from app.serve import SHUTDOWN_SECONDS
+    from engine.runtime import Engine, EngineConfig
 
-    sessions = EngineConfig(stream=config, max_sessions=args.max_sessions).sessions_per_call
-    options = BackendOptions(sessions=sessions, model=args.model, lora=args.lcm_lora,
-                             progress=lambda stage: print(f"  {stage}", file=sys.stderr, flush=True))
-    try:
-        return prepare_backend(backend_name(args), components, config, options)
-    except (RuntimeError, OSError) as error:  # a failed engine build, a plan that will not load, a full disk
-        raise StartupError(f"backend {backend_name(args)}: {error}") from error
+    return Engine(EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args),
+                               max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
+                               shutdown_timeout=SHUTDOWN_SECONDS))
 
 
-def load(args: argparse.Namespace):
+def load(engine, args: argparse.Namespace) -> None:
+    """Load, compile or build, and capture on the device's worker, with a progress bar; StartupError if it fails."""
     from tqdm import tqdm
 
-    from engine.models import load_components
     from engine.quiet import quiet_libraries
 
     quiet_libraries()
-    spec = model_spec(args)
     with tqdm(total=len(LOAD_STAGES), desc=f"loading {args.model}", unit="stage", file=sys.stderr) as bar:
-        return load_components(spec, progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
+        def progress(stage: str) -> None:
+            if stage in LOAD_STAGES:
+                bar.set_postfix_str(stage)
+                bar.update()
+            else:  # compiling, building engines, capturing graphs: say what takes the time
+                bar.write(f"  {stage}", file=sys.stderr)
+
+        try:
+            engine.load(progress)
+        except ModelUnavailableError:
+            raise
+        except (RuntimeError, OSError) as error:  # a backend that cannot run, a failed engine build, a full disk
+            raise StartupError(f"backend {backend_name(args)}: {error}") from error
 
 
-def describe(components, config: StreamConfig, args: argparse.Namespace) -> str:
+def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
+    components = engine.components
     weights = " (random weights: the pictures are abstract)" if args.model in PRESETS else ""
     return (f"model {components.name}{weights}\n"
-            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {backend_name(args)}, "
+            f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {engine.backend}, "
             f"{config.width}x{config.height}, t_index_list={list(config.t_index_list)} "
             f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {args.max_sessions} streams")
 
@@ -140,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         config = stream_config(args)
         check_server_args(args)
         check_backend(args)
-        components, unet = prepare(load(args), config, args)
+        engine = build_engine(args, config)
+        load(engine, args)
     except (ValueError, StartupError, ModelUnavailableError) as error:
         print(f"diffcam: {error}", file=sys.stderr)
         return 2
-    print(describe(components, config, args))
+    print(describe(engine, config, args))
     from app.serve import serve
 
-    return serve(args, components, config, unet)
+    return serve(args, engine)
 
 
 if __name__ == "__main__":

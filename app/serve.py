@@ -1,4 +1,8 @@
-"""Wire the engine, the WebRTC peers, the API and the page together, and run the server."""
+"""Wire the engine, the WebRTC peers, the API and the page together, and run the server.
+
+The page is optional (``ui=False``, ``--no-ui``): Gradio is then never imported, so the app
+serves headless on machines that cannot carry Gradio's wheel.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from app.server import create_app, parse_auth
-from app.ui import mount_ui
+from app.server import add_headless_index, create_app, parse_auth
 from app.webrtc import PeerManager, VideoOptions
 from engine.backends import UNetFn
 from engine.components import Components
@@ -26,14 +29,30 @@ SHUTDOWN_SECONDS = 5
 def build_app(components: Components, config: StreamConfig, *, max_sessions: int = 4, idle_timeout: float = 30.0,
               auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
               random_weights: bool = False, input_timeout: float = 5.0,
-              unet: UNetFn | None = None) -> tuple[FastAPI, Engine]:
-    """The whole application around already-loaded ``components`` (and ``unet``, when not torch's own)."""
+              unet: UNetFn | None = None, ui: bool = True) -> tuple[FastAPI, Engine]:
+    """The whole application around already-loaded ``components`` (and ``unet``, when not torch's own).
+
+    ``ui=False`` leaves the Gradio page out (``/`` then lists the endpoints) and never imports Gradio.
+    """
     engine = Engine(EngineConfig(stream=config, max_sessions=max_sessions, idle_timeout=idle_timeout,
                                  shutdown_timeout=SHUTDOWN_SECONDS), components=components, unet=unet)
+    return engine_app(engine, auth=auth, video=video, random_weights=random_weights, input_timeout=input_timeout,
+                      ui=ui), engine
+
+
+def engine_app(engine: Engine, *, auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
+               random_weights: bool = False, input_timeout: float = 5.0, ui: bool = True,
+               start_engine: bool = True) -> FastAPI:
+    """The application around ``engine`` (its lifespan starts and stops the engine unless ``start_engine`` is off)."""
     peers = PeerManager(engine, video, input_timeout)
-    app = create_app(engine, peers, auth=auth)
-    mount_ui(app, config, load_styles(), random_weights=random_weights)
-    return app, engine
+    app = create_app(engine, peers, auth=auth, start_engine=start_engine)
+    if ui:
+        from app.ui import mount_ui  # imported here: Gradio is heavy and absent on headless machines
+
+        mount_ui(app, engine.config.stream, load_styles(), random_weights=random_weights)
+    else:
+        add_headless_index(app)
+    return app
 
 
 def load_styles() -> list[dict]:
@@ -55,17 +74,26 @@ def open_share_link(host: str, port: int) -> str | None:
         return None
 
 
-def serve(args: argparse.Namespace, components: Components, config: StreamConfig, unet: UNetFn | None = None) -> int:
+def where_to_go(url: str, ui: bool) -> str:
+    """The line that tells the user what to open: the page, or (``--no-ui``) the endpoints to stream to."""
+    if ui:
+        return f"open {url}  (Ctrl+C stops)"
+    return (f"serving {url} without a page (--no-ui): WebRTC offers to {url}/offer, OBS (WHIP) to {url}/whip, "
+            f"health at {url}/healthz  (Ctrl+C stops)")
+
+
+def serve(args: argparse.Namespace, engine: Engine) -> int:
+    """Serve ``engine`` (loaded: see :meth:`Engine.load`) until Ctrl+C; the exit code (2 when it cannot listen or share)."""
     auth = parse_auth(args.auth) if args.auth else None
-    app, _ = build_app(components, config, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
-                       auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
-                       random_weights=args.model in PRESETS, unet=unet)
+    ui = not args.no_ui
+    app = engine_app(engine, auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
+                     random_weights=args.model in PRESETS, ui=ui)
     host = "127.0.0.1" if args.host == "localhost" else args.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"open http://{shown}:{args.port}  (Ctrl+C stops)", flush=True)
+    print(where_to_go(f"http://{shown}:{args.port}", ui), flush=True)
     if host in ("0.0.0.0", "::"):
-        print("  listening on every network interface: anyone who can reach this machine can use the camera page"
-              + ("" if auth else " (consider --auth USER:PASS)"), file=sys.stderr)
+        print("  listening on every network interface: anyone who can reach this machine can use the camera"
+              + (" page" if ui else "") + ("" if auth else " (consider --auth USER:PASS)"), file=sys.stderr)
     if args.share:
         link = open_share_link(host, args.port)
         if link is None:

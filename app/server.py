@@ -1,4 +1,5 @@
-"""The HTTP server: one FastAPI app with ``POST /offer``, ``GET /healthz``, ``GET /metrics``, the UI at ``/``.
+"""The HTTP server: one FastAPI app with ``POST /offer``, ``GET /healthz``, ``GET /metrics``, the UI at ``/``
+(or, without the UI, a note at ``/`` listing the endpoints).
 
 ``/offer`` takes ``{"sdp", "type"}`` (aiortc's convention) and answers with the same plus the
 session id. Bad offers get a 400 with a reason, a full engine a 503; nothing a client sends
@@ -74,6 +75,25 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
     return app
 
 
+#: what a headless server (``--no-ui``) offers, answered at ``/`` so that a visitor is not left with a 404
+ENDPOINTS = {
+    "POST /offer": "WebRTC signalling: {sdp, type} in, the answer and the session id out",
+    "POST /whip": "WHIP ingest (OBS): an SDP offer in, the stream's resource in Location",
+    "POST /whep/{stream_id}": "WHEP viewer of a WHIP stream's stylized output",
+    "GET /healthz": "liveness and session count",
+    "GET /metrics": "Prometheus metrics",
+}
+
+
+def add_headless_index(app: FastAPI) -> None:
+    """``GET /``: a JSON note that the page is off (``--no-ui``) and which endpoints there are."""
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {"diffcam": "serving without the page (--no-ui); restart without --no-ui for the camera page",
+                "endpoints": ENDPOINTS}
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > MAX_OFFER_BYTES:
@@ -133,4 +153,4 @@ def _basic_token(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-__all__ = ["BasicAuth", "create_app", "parse_auth"]
+__all__ = ["BasicAuth", "add_headless_index", "create_app", "parse_auth"]

@@ -6,7 +6,12 @@ encoder_hidden_states) -> prediction`` with per-row timesteps:
 
 - ``torch``: eager PyTorch, any device;
 - ``compile``: ``torch.compile`` (inductor kernels; CUDA graphs on GPUs), see :mod:`engine.compiled`;
-- ``trt``: TensorRT engines built and cached by :mod:`trt_build.pipeline`.
+- ``trt``: TensorRT engines built and cached by :mod:`trt_build.pipeline`;
+- ``auto``: ``compile`` on CUDA when Triton is there, ``torch`` elsewhere (:func:`resolve_backend`).
+
+On CUDA the torch modules run in ``channels_last`` (cuDNN's fast convolution layout) and
+diffusers' attention is PyTorch's fused SDPA. The engine captures each call as a CUDA graph
+of its own (:mod:`engine.graphs`), so no backend records graphs itself.
 
 Like uvicorn's protocol registry, entries are import paths resolved on use, so a backend whose
 packages are absent costs nothing until asked for, and then says what to install.
@@ -54,6 +59,26 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: what ``--backend`` accepts: every backend, and ``auto``
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``name``, with ``auto`` made concrete: ``compile`` on a CUDA device that can run it, else ``torch``."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and backend_missing("compile", device) is None:
+        return "compile"
+    return "torch"
+
+
+def use_fast_layouts(components: Components) -> None:
+    """On CUDA, the UNet and VAE in ``channels_last`` (a no-op elsewhere, where it does not pay)."""
+    if components.device.type == "cuda":
+        for module in (components.unet, components.vae):
+            module.to(memory_format=torch.channels_last)
+
+
 def torch_unet(unet: UNet2DConditionModel) -> UNetFn:
     def run(sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -62,6 +87,7 @@ def torch_unet(unet: UNet2DConditionModel) -> UNetFn:
 
 
 def prepare_torch(components: Components, config: StreamConfig, options: BackendOptions) -> tuple[Components, UNetFn]:
+    use_fast_layouts(components)
     return components, torch_unet(components.unet)
 
 
@@ -71,12 +97,17 @@ def torch_missing(device: torch.device) -> str | None:
 
 def backend_missing(name: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run on ``device``; otherwise what is missing and how to get it."""
-    return _resolve(name, 1)(device)
+    return _resolve(resolve_backend(name, device), 1)(device)
 
 
 def prepare_backend(name: str, components: Components, config: StreamConfig,
                     options: BackendOptions = BackendOptions()) -> tuple[Components, UNetFn]:
-    """``components`` ready for backend ``name``, and its UNet function. May take minutes (compiling, building)."""
+    """``components`` ready for backend ``name`` (or ``auto``), and its UNet function.
+
+    May take minutes (building engines). Compiled backends compile each shape on its first
+    call: the engine's call runner warms every size up before streams start.
+    """
+    name = resolve_backend(name, components.device)
     missing = backend_missing(name, components.device)
     if missing is not None:
         raise RuntimeError(f"the {name} backend needs {missing}")

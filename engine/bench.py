@@ -28,14 +28,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.backends import BackendOptions, UNetFn, prepare_backend
+from engine.backends import BACKEND_CHOICES, BackendOptions, prepare_backend, resolve_backend
 from engine.components import Components
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec, load_components
 from engine.presets import PRESETS
 from engine.schedule import step_schedule
-from engine.stream import StreamDiffusion
+from engine.graphs import CallRunner
+from engine.slots import StreamSlots
+from engine.stream import StreamDiffusion, step_models
 from engine.synthetic import moving_frames
 from engine.vae import decode_latents, encode_latents
 
@@ -55,14 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers baselines")
-    parser.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
-                        help="also time the stream on this backend (stream_<backend>); the runtime uses it")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="also time the stream on this backend (stream_<backend>) unless it is eager torch; "
+                             "the runtime benchmark uses it (auto: compile on CUDA, torch elsewhere)")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each call as a CUDA graph (stream_<backend>+graphs; default: on CUDA)")
     parser.add_argument("--json", default=None, help="write the results here")
     runtime = parser.add_argument_group("runtime benchmark (--runtime)")
     runtime.add_argument("--runtime", action="store_true",
                          help="drive the asyncio runtime with concurrent synthetic streams instead")
     runtime.add_argument("--sessions", default="1,2,4", help="concurrent stream counts to measure")
-    runtime.add_argument("--offer-fps", type=float, default=30.0, help="frames/s each stream offers")
+    runtime.add_argument("--offer-fps", type=float, default=30.0,
+                         help="frames/s each stream offers (far above capacity, e.g. 400 on a GPU, measures capacity)")
+    runtime.add_argument("--floor-calls", type=int, default=4, help="calls per floor chunk (more on a GPU)")
     runtime.add_argument("--duration", type=float, default=24.0, help="measured seconds per session count")
     runtime.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before the first window")
     return parser.parse_args(argv)
@@ -72,7 +79,7 @@ class Bench:
     """Holds the models and the frames; builds each method as a callable over a list of frames."""
 
     def __init__(self, components: Components, full_vae: torch.nn.Module | None, config: StreamConfig,
-                 backends: dict[str, tuple[Components, UNetFn]] | None = None) -> None:
+                 backends: dict[str, CallRunner] | None = None) -> None:
         self.components, self.full_vae, self.config = components, full_vae, config
         self.backends = backends or {}
         self.device, self.dtype = components.device, components.dtype
@@ -87,21 +94,25 @@ class Bench:
 
     def methods(self, with_diffusers: bool) -> dict[str, Method]:
         methods: dict[str, Method] = {"stream": self.stream, "floor": self.floor, "sequential": self.sequential}
-        for name, (components, unet) in self.backends.items():
-            methods[f"stream_{name}"] = lambda frames, c=components, u=unet: self.stream(frames, c, u)
+        for name, runner in self.backends.items():
+            methods[f"stream_{name}"] = lambda frames, r=runner: self.stream(frames, runner=r)
         if with_diffusers and self.full_vae is not None:
             methods["diffusers"] = self._diffusers(self.full_vae)
         if with_diffusers:
             methods["diffusers_same_vae"] = self._diffusers(self.components.vae)
         return methods
 
-    def stream(self, frames: list[np.ndarray], components: Components | None = None, unet: UNetFn | None = None) -> int:
-        stream = StreamDiffusion(components or self.components, self.config, unet=unet)
-        for frame in frames[: stream.steps - 1]:  # fill the pipeline first, untimed
-            stream(frame)
-        started = self.clock()
-        outputs = [stream(frame) for frame in frames]
-        self.last_elapsed = self.clock() - started
+    def stream(self, frames: list[np.ndarray], runner: CallRunner | None = None) -> int:
+        """Frames out per second of one stream: eager torch, or through ``runner`` (a backend, graphs)."""
+        stream = StreamDiffusion(self.components, self.config, runner=runner)
+        try:
+            for frame in frames[: stream.steps - 1]:  # fill the pipeline first, untimed
+                stream(frame)
+            started = self.clock()
+            outputs = [stream(frame) for frame in frames]
+            self.last_elapsed = self.clock() - started
+        finally:
+            stream.close()
         return sum(output is not None for output in outputs)
 
     @torch.inference_mode()
@@ -248,6 +259,27 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def accelerated(components: Components, config: StreamConfig, args: argparse.Namespace) -> dict[str, CallRunner]:
+    """One call runner for ``--backend`` (unless eager torch without graphs), named as its method will be.
+
+    The eager baselines still use the torch modules, so the backend must not free them; the
+    runner is made before any stream exists, since capturing graphs writes into its slots.
+    """
+    backend = resolve_backend(args.backend, components.device)
+    graphs = components.device.type == "cuda" if args.graphs is None else args.graphs
+    if backend == "torch" and not graphs:
+        return {}
+    print(f"preparing the {backend} backend" + (" and capturing its call as a graph" if graphs else ""),
+          file=sys.stderr)
+    prepared, unet = prepare_backend(backend, components, config, BackendOptions(release=False))
+    runner = CallRunner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1)
+    if graphs:
+        runner.capture()
+    else:
+        runner.warm_up()
+    return {backend + ("+graphs" if graphs else ""): runner}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
@@ -263,11 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     full_vae = None
     if not args.skip_diffusers and (args.preset not in PRESETS or PRESETS[args.preset].kl_channels):
         full_vae = load_components(ModelSpec(model=args.preset, vae="full", device=args.device)).vae
-    backends = {}
-    if args.backend != "torch":
-        print(f"preparing the {args.backend} backend", file=sys.stderr)
-        # the eager baselines still use the torch modules: the backend must not free them
-        backends[args.backend] = prepare_backend(args.backend, components, config, BackendOptions(release=False))
+    backends = accelerated(components, config, args)
     bench = Bench(components, full_vae, config, backends)
     frames = moving_frames(args.frames, size, size)
     print(f"benchmarking {args.preset} at {size}x{size}, {args.frames} frames x {args.rounds} rounds", file=sys.stderr)

@@ -3,9 +3,14 @@
 For each session count S, S synthetic streams each offer frames at ``--offer-fps`` to one
 :class:`engine.runtime.Engine` while consumers read the outputs. Reported per S: aggregate
 output fps, per-session fps (min/max), submit-to-output latency p50/p95, drop rate, and the
-bare-model floor for the same frames (S frames per UNet call, no runtime). Runtime windows
-and floor chunks alternate so machine drift hits both alike. Latency counts only frames
-submitted inside a window (frames left in flight across a floor chunk would count the pause).
+floor: the same calls (S streams each) run back to back on the device's worker with no
+runtime around them, through the same backend and graphs. Runtime windows and floor chunks
+alternate so machine drift hits both alike, and the floor is warmed up before its first
+chunk. Latency counts only frames submitted inside a window.
+
+One engine serves every S (loaded, compiled and captured once, for up to the largest S
+streams per call). Offer far more frames than the model can take (``--offer-fps 400`` on a
+GPU) to measure capacity rather than the offered rate.
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ import asyncio
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from engine.bench import Bench, bench_config, environment, write_json
-from engine.models import ModelSpec, load_components
+from engine.batch import FrameJob, run_jobs
+from engine.bench import bench_config, environment, write_json
+from engine.config import StreamConfig
+from engine.models import ModelSpec
 from engine.runtime import Engine, EngineConfig
 from engine.session import Session
+from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frames
+from engine.worker import DeviceModel
 
 ROUNDS = 2  # each S: (runtime window, floor chunk) x ROUNDS
-FLOOR_CALLS = 4  # UNet calls per floor chunk
 
 
 @dataclass
@@ -70,15 +79,16 @@ async def runtime_window(engine: Engine, sessions: list[Session], frames: list[l
     return stats, {"offered": offered, "dropped": dropped}
 
 
-async def measure(bench: Bench, components, args: argparse.Namespace, streams: int) -> dict:
-    config = EngineConfig(model=ModelSpec(args.preset), stream=bench.config, max_sessions=streams, backend=args.backend,
-                          max_batch=streams, idle_timeout=60)
-    size = bench.config.width
+async def measure(engine: Engine, args: argparse.Namespace, streams: int) -> dict:
+    config, size = engine.config.stream, engine.config.stream.width
     frames = [moving_frames(60, size, size)[s * 7:] + moving_frames(60, size, size)[: s * 7] for s in range(streams)]
+    floor_input = [own[: args.floor_calls] for own in frames]
     totals = [StreamStats() for _ in range(streams)]
     runtime_seconds, offered, dropped, floor_frames, floor_seconds = 0.0, 0, 0, 0, 0.0
-    async with Engine(config, components=components) as engine:
-        sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
+    calls_before = dict(engine.snapshot()["batch_size_histogram"])
+    await engine.run_on_device(floor_calls(config, floor_input, calls=2))  # warm-up: first calls of a size are slow
+    sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
+    try:
         window = args.duration / ROUNDS
         for round_index in range(ROUNDS):
             warmup = args.warmup if round_index == 0 else min(1.0, args.warmup)
@@ -88,12 +98,14 @@ async def measure(bench: Bench, components, args: argparse.Namespace, streams: i
             for total, st in zip(totals, stats):
                 total.outputs += st.outputs
                 total.latencies += st.latencies
-            while not engine.idle:  # the floor must not share the CPU with a round still running
+            while not engine.idle:  # the floor must not share the device with a round still running
                 await asyncio.sleep(0.01)
-            floor_input = [f for group in zip(*frames) for f in group][: streams * FLOOR_CALLS]
-            floor_frames += await asyncio.to_thread(bench.floor, floor_input, streams)
-            floor_seconds += bench.last_elapsed
-        histogram = engine.snapshot()["batch_size_histogram"]
+            elapsed = await engine.run_on_device(floor_calls(config, floor_input, args.floor_calls))
+            floor_frames, floor_seconds = floor_frames + streams * args.floor_calls, floor_seconds + elapsed
+    finally:
+        for session in sessions:
+            session.close()
+    histogram = {k: v - calls_before.get(k, 0) for k, v in engine.snapshot()["batch_size_histogram"].items()}
     session_fps = [t.outputs / runtime_seconds for t in totals]
     latencies = np.array([x for t in totals for x in t.latencies]) * 1000
     result = {
@@ -106,11 +118,51 @@ async def measure(bench: Bench, components, args: argparse.Namespace, streams: i
         "latency_ms_p95": float(np.percentile(latencies, 95)) if len(latencies) else None,
         "drop_rate": dropped / max(offered, 1),
         "offered_fps_per_session": args.offer_fps,
-        "batch_size_histogram": histogram,
+        "batch_size_histogram": {k: v for k, v in histogram.items() if v},
     }
     result["runtime_over_floor"] = result["runtime_fps"] / result["floor_fps"]
     result["min_session_over_fair_share"] = result["min_session_fps"] / (result["runtime_fps"] / streams)
     return result
+
+
+def floor_calls(config: StreamConfig, frames: list[list[np.ndarray]], calls: int) -> Callable[[DeviceModel], float]:
+    """A worker request: ``calls`` calls of ``len(frames)`` streams of its own, back to back; the seconds they took."""
+    def run(model: DeviceModel) -> float:
+        streams = [StreamDiffusion(model.components, config.with_updates(prompt=f"style {s}", seed=s),
+                                   runner=model.runner) for s in range(len(frames))]
+        try:
+            started = time.perf_counter()
+            for k in range(calls):
+                run_jobs([FrameJob(stream, own[k % len(own)]) for stream, own in zip(streams, frames)], model.runner)
+            return time.perf_counter() - started  # every call ends with its outputs on the host: no sync missing
+        finally:
+            for stream in streams:
+                stream.close()
+
+    return run
+
+
+def engine_for(args: argparse.Namespace, config: StreamConfig, streams: int) -> Engine:
+    """One engine for every session count: up to ``streams`` per call, and slots for the floor's streams too."""
+    spec = ModelSpec(model=args.preset, device=args.device)
+    return Engine(EngineConfig(model=spec, stream=config, backend=args.backend, max_sessions=2 * streams,
+                               max_batch=streams, idle_timeout=60),
+                  progress=lambda stage: print(f"  {stage}", file=sys.stderr))
+
+
+async def measure_all(args: argparse.Namespace, config: StreamConfig, counts: list[int]) -> tuple[list[dict], dict]:
+    engine = engine_for(args, config, max(counts))
+    started = time.perf_counter()
+    await asyncio.to_thread(engine.load)  # load, compile every call size, capture: what a user waits for
+    start_seconds = time.perf_counter() - started
+    print(f"engine ready in {start_seconds:.1f} s", file=sys.stderr)
+    async with engine:
+        results = []
+        for streams in counts:
+            print(f"measuring S={streams} for {args.duration:.0f} s ...", file=sys.stderr)
+            results.append(await measure(engine, args, streams))
+        return results, {"backend": engine.backend, "start_seconds": start_seconds,
+                         "environment": environment(engine.components.device)}
 
 
 def print_table(results: list[dict], summary: dict) -> None:
@@ -123,23 +175,21 @@ def print_table(results: list[dict], summary: dict) -> None:
               f"{r['latency_ms_p50']:>7.0f}/{r['latency_ms_p95']:<7.0f} {r['drop_rate']:>6.0%}")
     env, config = summary["environment"], summary["config"]
     print(f"\n{config['preset']} {config['width']}x{config['height']} t_index_list={config['t_index_list']} "
-          f"cfg={config['cfg_type']}, {config['offer_fps']:.0f} fps offered per stream | "
+          f"cfg={config['cfg_type']}, backend {config['backend']} (ready in {summary['start_seconds']:.0f} s), "
+          f"{config['offer_fps']:.0f} fps offered per stream | "
           f"torch {env['torch']} on {env['device']}, {env['threads']} threads")
 
 
 def main(args: argparse.Namespace) -> int:
     config = bench_config(args)
-    components = load_components(ModelSpec(model=args.preset, device=args.device))
-    bench = Bench(components, None, config)
     counts = [int(x) for x in args.sessions.split(",") if x.strip()]
-    results = []
-    for streams in counts:
-        print(f"measuring S={streams} for {args.duration:.0f} s ...", file=sys.stderr)
-        results.append(asyncio.run(measure(bench, components, args, streams)))
+    results, where = asyncio.run(measure_all(args, config, counts))
     summary = {
         "results": results,
-        "config": {**asdict(config), "preset": args.preset, "offer_fps": args.offer_fps, "duration": args.duration},
-        "environment": environment(components.device),
+        "config": {**asdict(config), "preset": args.preset, "offer_fps": args.offer_fps, "duration": args.duration,
+                   "backend": where["backend"]},
+        "start_seconds": where["start_seconds"],
+        "environment": where["environment"],
     }
     print_table(results, summary)
     write_json(args.json, summary)

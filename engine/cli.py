@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from engine.backends import BACKEND_CHOICES
 from engine.models import DEFAULT_MODEL, ModelSpec
 
 
@@ -35,6 +36,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def add_backend_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--backend torch|compile|trt``: what runs the UNet and the VAE (see :mod:`engine.backends`)."""
-    parser.add_argument("--backend", default="torch", choices=["torch", "compile", "trt"],
-                        help="what runs the UNet and VAE: eager torch, torch.compile, or TensorRT engines")
+    """``--backend auto|torch|compile|trt``: what runs the UNet and the VAE (see :mod:`engine.backends`)."""
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="what runs the UNet and VAE: auto (torch.compile on NVIDIA GPUs, eager torch "
+                             "elsewhere), eager torch, torch.compile, or TensorRT engines")

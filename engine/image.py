@@ -93,3 +93,60 @@ def _check_size(height: int, width: int) -> None:
         raise ValueError(f"a frame must have at least one pixel, got {height}×{width}")
     if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
         raise ValueError(f"a frame of {height}×{width} is too large; at most {MAX_FRAME_SIDE} pixels a side")
+
+
+class PixelLoader:
+    """Frames into rows of a fixed ``(N, 3, H, W)`` float32 buffer on the device, fitted to ``H×W``.
+
+    On a GPU, uint8 arrays already at the target size (the common case once a source sends the
+    stream's size) are packed into one pinned host buffer and cross in one asynchronous copy;
+    other frames are fitted on the device one by one. Tensors already fitted (a similarity
+    check made them) are copied as they are.
+    """
+
+    def __init__(self, target: torch.Tensor, *, stage: bool | None = None) -> None:
+        """``stage``: pack exact-size arrays into one host buffer (default: on CUDA, pinned; tests force it on the CPU)."""
+        self.target = target
+        self.device = target.device
+        capacity, _, self.height, self.width = target.shape
+        cuda = self.device.type == "cuda"
+        stage = cuda if stage is None else stage
+        self._staging = torch.empty(capacity, self.height, self.width, 3, dtype=torch.uint8, pin_memory=cuda) \
+            if stage else None
+        self._landing = torch.empty(capacity, self.height, self.width, 3, dtype=torch.uint8, device=self.device) \
+            if stage else None
+
+    def load(self, frames: list[Frame | torch.Tensor]) -> torch.Tensor:
+        """Write ``frames`` into the first rows; returns those rows."""
+        staged = []
+        for row, frame in enumerate(frames):
+            if self._staging is not None and self._stageable(frame):
+                self._staging[row].numpy()[...] = frame
+                staged.append(row)
+            else:
+                self.target[row].copy_(self.fitted(frame))
+        if staged:
+            self._cross(staged)
+        return self.target[: len(frames)]
+
+    def fitted(self, frame: Frame | torch.Tensor) -> torch.Tensor:
+        """One frame as ``3×H×W`` float32 in [0, 1] on the device (a fitted tensor is returned as is)."""
+        if isinstance(frame, torch.Tensor) and frame.dtype == torch.float32 and frame.device == self.device \
+                and tuple(frame.shape) == (3, self.height, self.width):
+            return frame
+        return fit(to_chw(frame, self.device), self.height, self.width)
+
+    def _stageable(self, frame: object) -> bool:
+        return isinstance(frame, np.ndarray) and frame.dtype == np.uint8 \
+            and frame.shape == (self.height, self.width, 3)
+
+    def _cross(self, rows: list[int]) -> None:
+        """Staged rows to the device in one copy (contiguous span), then to float in [0, 1]."""
+        assert self._staging is not None and self._landing is not None
+        low, high = min(rows), max(rows) + 1
+        self._landing[low:high].copy_(self._staging[low:high], non_blocking=True)
+        if rows == list(range(low, high)):  # the usual case: one kernel for all
+            torch.div(self._landing[low:high].permute(0, 3, 1, 2), 255.0, out=self.target[low:high])
+            return
+        for row in rows:
+            torch.div(self._landing[row].permute(2, 0, 1), 255.0, out=self.target[row])

@@ -1,4 +1,4 @@
-"""The engine: models, one worker thread per device, sessions, metrics.
+"""The engine: one worker per device that owns its model, sessions, metrics.
 
     async with Engine(EngineConfig(model=ModelSpec("tiny"))) as engine:
         session = await engine.open_session(prompt="a cat")
@@ -6,8 +6,10 @@
         output = await session.next_output()    # stylized frame + the id/pts of its input
         session.close()
 
-The event loop never waits for the model: loading runs in a thread, frames cross to the
-worker through one-slot mailboxes, outputs come back through ``call_soon_threadsafe``.
+The event loop never waits for the model and never touches the device: each device's worker
+thread loads the model, compiles it, captures its CUDA graphs, encodes prompts and runs every
+frame (:mod:`engine.worker` says why). The loop hands it requests and frames through
+one-slot mailboxes; outputs come back through ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -16,19 +18,27 @@ import asyncio
 import itertools
 import logging
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
-from engine.backends import BACKENDS, BackendOptions, UNetFn, prepare_backend
+import torch
+
+from engine.backends import BACKEND_CHOICES, BackendOptions, UNetFn, prepare_backend, resolve_backend
 from engine.components import Components
 from engine.config import StreamConfig, updated_config
+from engine.graphs import CallRunner
 from engine.metrics import EngineMetrics, engine_snapshot, prometheus_text
 from engine.models import ModelSpec, load_components
 from engine.session import EngineBusyError, Session
-from engine.stream import StreamDiffusion
-from engine.worker import Worker
+from engine.slots import StreamSlots
+from engine.stream import StreamDiffusion, step_models
+from engine.worker import DeviceModel, Worker
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,10 @@ class EngineConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     stream: StreamConfig = field(default_factory=StreamConfig)
     devices: tuple[str, ...] = ()          # empty: the model spec's device; several: one replica each
-    backend: str = "torch"
+    backend: str = "auto"                  # auto: compile on CUDA with Triton, eager torch elsewhere
+    #: capture each call size as a CUDA graph; None: on CUDA devices. True on the CPU replays
+    #: stand-ins through the same buffers (for tests)
+    graphs: bool | None = None
     max_sessions: int = 4
     max_batch: int = 8                     # sessions per UNet call
     idle_timeout: float = 30.0             # close a session nobody has read from for this long
@@ -49,14 +62,19 @@ class EngineConfig:
         """The most streams one UNet call holds: the shapes a backend must be ready for."""
         return min(self.max_sessions, self.max_batch)
 
+    def graphs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.graphs is None else self.graphs
+
     def __post_init__(self) -> None:
         if self.stream.mode != "img2img":
             raise ValueError(f"stream.mode={self.stream.mode!r}: the runtime stylizes incoming frames (img2img)")
         if self.stream.frame_buffer_size != 1:
             raise ValueError(f"stream.frame_buffer_size={self.stream.frame_buffer_size}: the runtime batches one "
                              "frame per session per call; it must be 1")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is unknown; available: {sorted(BACKENDS)}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend={self.backend!r} is unknown; available: {list(BACKEND_CHOICES)}")
+        if self.graphs not in (None, True, False):
+            raise ValueError(f"graphs={self.graphs!r} must be None (on for CUDA), True or False")
         for name, low, high in (("max_sessions", 1, 256), ("max_batch", 1, 256)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
@@ -68,14 +86,20 @@ class EngineConfig:
 
 
 class Engine:
-    """Serves many live streams from one model per device. Use as ``async with Engine(config)``."""
+    """Serves many live streams from one model per device. Use as ``async with Engine(config)``.
+
+    ``components`` (and ``unet``): serve these instead of loading ``config.model``; they stay the
+    caller's (a backend will not free them). ``progress``: told each loading and preparing stage.
+    """
 
     def __init__(self, config: EngineConfig = EngineConfig(), *, components: Components | None = None,
-                 unet: UNetFn | None = None) -> None:
+                 unet: UNetFn | None = None, progress: Progress | None = None) -> None:
         self.config = config
         self.metrics = EngineMetrics()
         self._given = (components, unet)
+        self._progress: Progress = progress or (lambda stage: None)
         self._workers: list[Worker] = []
+        self._homes: dict[str, Worker] = {}
         self._sessions: dict[str, Session] = {}
         self._opening = 0
         self._ids = itertools.count(1)
@@ -90,36 +114,69 @@ class Engine:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def start(self) -> None:
-        """Load the model(s) off the event loop and start the workers."""
-        self._loop = asyncio.get_running_loop()
-        components, unet = self._given
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices this engine serves on, one worker each."""
+        components, _ = self._given
         if components is not None:
-            # the caller's components may be in use elsewhere: the backend must not free them
-            ready = [(components, unet) if unet is not None
-                     else await asyncio.to_thread(self._prepare, components, False)]
-        else:
-            devices = self.config.devices or (self.config.model.device,)
-            loaded = [await asyncio.to_thread(load_components, replace(self.config.model, device=device))
-                      for device in devices]
-            ready = [await asyncio.to_thread(self._prepare, c, True) for c in loaded]
-        self._workers = [Worker(c, u, self.metrics, self.config.max_batch) for c, u in ready]
-        for worker in self._workers:
-            worker.start()
+            return [components.device]
+        names = self.config.devices or (self.config.model.device,)
+        return [replace(self.config.model, device=name).resolved_device() for name in names]
+
+    def load(self, progress: Progress | None = None) -> None:
+        """Start each device's worker and wait until it has loaded and prepared its model.
+
+        Blocking (minutes when compiling or building engines): call it before serving to fail
+        early, or let :meth:`start` call it. ``progress`` is told each stage (from the workers'
+        threads). Raises what stopped a worker (a missing model, a backend that cannot run).
+        """
+        if self._workers:
+            return
+        self._progress = progress or self._progress
+        workers = [Worker(device, partial(self._set_up, device), self.metrics, self.config.max_batch)
+                   for device in self.devices]
+        try:
+            for future in [worker.start() for worker in workers]:
+                future.result()
+        except BaseException:
+            for worker in workers:
+                worker.stop(self.config.shutdown_timeout)
+            raise
+        self._workers = workers
+
+    async def start(self) -> None:
+        """Load the model(s) unless :meth:`load` did (the event loop only waits), then serve."""
+        self._loop = asyncio.get_running_loop()
+        if not self._workers:
+            await asyncio.to_thread(self.load)
         self._reaper = asyncio.create_task(self._reap_idle(), name="diffcam-engine-reaper")
 
-    def _prepare(self, components: Components, release: bool) -> tuple[Components, UNetFn]:
-        """``components`` ready for the configured backend (compiling or building engines can take minutes)."""
-        options = BackendOptions(sessions=self.config.sessions_per_call,
-                                 model=self.config.model.model, lora=self.config.model.lcm_lora, release=release)
-        return prepare_backend(self.config.backend, components, self.config.stream, options)
+    def _set_up(self, device: torch.device) -> DeviceModel:
+        """On ``device``'s worker: the model loaded, its backend prepared, every call size ready."""
+        components, unet = self._given
+        owned = components is None
+        if components is None:
+            spec = replace(self.config.model, device=str(device))
+            components = load_components(spec, progress=self._progress)
+        backend = "given" if unet is not None else resolve_backend(self.config.backend, components.device)
+        if unet is None:
+            options = BackendOptions(sessions=self.config.sessions_per_call, model=self.config.model.model,
+                                     lora=self.config.model.lcm_lora, progress=self._progress, release=owned)
+            components, unet = prepare_backend(backend, components, self.config.stream, options)
+        slots = StreamSlots.for_config(components, self.config.stream, capacity=self.config.max_sessions)
+        runner = CallRunner(step_models(components, unet), slots, self.config.sessions_per_call)
+        if self.config.graphs_on(components.device):
+            runner.capture(progress=self._progress)
+        elif backend == "compile":
+            runner.warm_up(progress=self._progress)
+        return DeviceModel(components, runner, backend)
 
     async def open_session(self, **params: Any) -> Session:
         """A new session with ``params`` (any non-shape stream parameter, or ``strength``).
 
         Raises :class:`EngineBusyError` at ``max_sessions`` and ``ValueError`` for bad parameters.
         """
-        if self._closed or not self._workers:
+        if self._closed or not self._workers or self._loop is None:
             raise RuntimeError("the engine is not running; use `async with Engine(...)`")
         config = updated_config(self.config.stream, params)
         if len(self._sessions) + self._opening >= self.config.max_sessions:
@@ -128,8 +185,12 @@ class Engine:
         worker = min(self._workers, key=lambda w: w.session_count)
         self._opening += 1
         worker.reserved += 1
-        try:  # prompt encoding runs the text encoder: not on the event loop
-            stream = await asyncio.to_thread(StreamDiffusion, worker.components, config, worker.unet)
+        try:  # the text encoder and the noise run on the device's worker, between rounds
+            stream = await _on_worker(worker, partial(_open_stream, worker, config))
+        except Exception as error:
+            if self._closed:
+                raise RuntimeError("the engine shut down while the session was being opened") from error
+            raise
         finally:
             self._opening -= 1
             worker.reserved -= 1
@@ -138,9 +199,29 @@ class Engine:
         session_id = f"s{next(self._ids)}"
         session = Session(session_id, stream, self._loop, worker.wake, self._forget)
         self._sessions[session_id] = session
+        self._homes[session_id] = worker
         worker.add(session)
         self.metrics.sessions_opened += 1
         return session
+
+    async def run_on_device(self, request: Callable[[DeviceModel], Any], device: int = 0) -> Any:
+        """``request(model)`` on device ``device``'s worker, between rounds (maintenance, benchmarks)."""
+        if not self._workers:
+            raise RuntimeError("the engine is not running; use `async with Engine(...)`")
+        worker = self._workers[device]
+        return await asyncio.wrap_future(worker.submit(lambda: request(worker.model)))
+
+    @property
+    def components(self) -> Components:
+        """The first device's components, as its backend prepared them (once loaded)."""
+        if not self._workers or self._workers[0].model is None:
+            raise RuntimeError("the engine has not loaded its model yet; call load() or start()")
+        return self._workers[0].model.components
+
+    @property
+    def backend(self) -> str:
+        """The backend the workers run (``auto`` resolved), once loaded."""
+        return self._workers[0].model.backend if self._workers and self._workers[0].model else self.config.backend
 
     @property
     def idle(self) -> bool:
@@ -177,8 +258,10 @@ class Engine:
     def _forget(self, session: Session) -> None:
         if self._sessions.pop(session.id, None) is not None:
             self.metrics.sessions_closed += 1
-        for worker in self._workers:
+        worker = self._homes.pop(session.id, None)
+        if worker is not None:
             worker.remove(session)
+            worker.submit(session.stream.close)  # its slot is freed between rounds, by the slot's owner
 
     async def _reap_idle(self) -> None:
         """Close sessions whose consumer went away (nobody read or waited for ``idle_timeout``)."""
@@ -190,3 +273,24 @@ class Engine:
                     log.info("closing idle session %s", session.id)
                     self.metrics.sessions_expired += 1
                     session.close()
+
+
+def _open_stream(worker: Worker, config: StreamConfig) -> StreamDiffusion:
+    """On the worker: a stream in a free slot of the worker's runner."""
+    assert worker.model is not None
+    return StreamDiffusion(worker.model.components, config, runner=worker.model.runner)
+
+
+async def _on_worker(worker: Worker, request: Callable[[], StreamDiffusion]) -> StreamDiffusion:
+    """``request``'s result from the worker; if the caller gives up first, a stream made anyway is closed there."""
+    future: Future = worker.submit(request)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _close_orphan(worker, done))
+        raise
+
+
+def _close_orphan(worker: Worker, done: Future) -> None:
+    if not done.cancelled() and done.exception() is None:
+        worker.submit(done.result().close)

@@ -1,18 +1,18 @@
-"""The stream-batch denoiser (StreamDiffusion, arXiv 2312.12491) with residual CFG.
+"""One live stream (StreamDiffusion, arXiv 2312.12491): its slot of device state, its prompts and its filter.
 
-Rows of the batch are laid out step-major: row ``i·f + j`` holds frame slot ``j`` at step ``i``
-(``n`` steps, ``f = frame_buffer_size``). One call takes ``f`` new frames, noises them to step 0,
-stacks them on the ``(n-1)·f`` rows still in flight, runs ONE UNet call over all of them, emits
-the ``f`` rows that reached the last step and moves every other row one step on. A frame
-comes out ``n - 1`` calls after it went in; until the pipeline is full a call returns ``None``.
+The math of a call is :func:`engine.step.stream_step`; a stream's device state (latent
+buffer, noise, stock noise, coefficients, prompt embeddings) is a slot of
+:class:`engine.slots.StreamSlots`. Alone, a stream owns slots of its own and runs its calls
+through a :class:`engine.graphs.CallRunner`; in the runtime, the streams of a device share
+one set of slots and one runner, and a call serves several of them at once
+(:mod:`engine.batch`).
 
-Scheduler math runs in float32 whatever the model dtype, so fp16 UNets lose nothing to the
-division by ``alpha`` (as small as 0.07 at t = 999).
+A frame comes out ``n - 1`` calls after it went in; until the pipeline is full a call
+returns ``None``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -20,41 +20,44 @@ import torch
 from engine.backends import UNetFn, torch_unet
 from engine.components import Components
 from engine.config import StreamConfig, updated_config
-from engine.image import Frame, FrameKind, frame_kind, postprocess, preprocess
+from engine.graphs import CallResult, CallRunner
+from engine.image import Frame, FrameKind, frame_kind
 from engine.prompts import PromptEncoder
 from engine.schedule import step_schedule
 from engine.similarity import SimilarityFilter
-from engine.vae import decode_latents, encode_latents
+from engine.slots import MATH_DTYPE, StreamShape, StreamSlots
+from engine.step import StepModels, layout
 
-MATH_DTYPE = torch.float32
 
-
-@dataclass(frozen=True)
-class UNetRows:
-    """One stream's share of a UNet call: its batch ``x`` and the UNet inputs laid out for its CFG type."""
-
-    x: torch.Tensor
-    sample: torch.Tensor
-    timesteps: torch.Tensor
-    embeds: torch.Tensor
+def step_models(components: Components, unet: UNetFn | None = None) -> StepModels:
+    """What :func:`engine.step.stream_step` runs for ``components`` (with ``unet``, else the torch UNet)."""
+    return StepModels(unet or torch_unet(components.unet), components.vae, components.dtype,
+                      components.prediction_type == "v_prediction")
 
 
 class StreamDiffusion:
-    """One live stream: its latent buffer, noise, stock noise, prompts and similarity filter."""
+    """One live stream. ``slots``/``runner``: shared ones (the runtime's); by default its own."""
 
     def __init__(self, components: Components, config: StreamConfig = StreamConfig(),
-                 unet: UNetFn | None = None) -> None:
+                 unet: UNetFn | None = None, *, runner: CallRunner | None = None) -> None:
         self.components = components
         self.config = config
         self.device = components.device
         self.dtype = components.dtype
-        self.unet = unet or torch_unet(components.unet)
+        if runner is None:
+            slots = StreamSlots.for_config(components, config)
+            runner = CallRunner(step_models(components, unet), slots, 1, encode=config.mode == "img2img")
+        elif runner.slots.shape != StreamShape.of(config) or runner.encode != (config.mode == "img2img"):
+            raise ValueError(f"this stream ({config.mode}, {StreamShape.of(config)}) does not fit its runner "
+                             f"({'img2img' if runner.encode else 'txt2img'}, {runner.slots.shape})")
+        self.runner, self.slots = runner, runner.slots
         self.prompts = PromptEncoder(components.tokenizer, components.text_encoder)
         self.filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, config.seed)
         self.calls = 0
         self._last_outputs: list[Frame] | None = None
-        self.__dict__.update(self._schedule_state(config), **self._noise_state(config), **self._prompt_state(config))
-        self._buffer = torch.zeros_like(self._noise[self.frames:])
+        state = {**self._schedule_state(config), **self._noise_state(config), **self._prompt_state(config)}
+        self.slot = self.slots.acquire()
+        self.slots.write(self.slot, buffer=0.0, **state, **self._scalars(config))
 
     # ----------------------------------------------------------------- public API
 
@@ -79,17 +82,21 @@ class StreamDiffusion:
     @property
     def noise(self) -> torch.Tensor:
         """The stream's fixed noise, ``n·f`` rows: row ``i·f + j`` noises slot ``j`` at step ``i``."""
-        return self._noise
+        return self.slots.noise[self.slot]
 
     @property
     def stock_noise(self) -> torch.Tensor:
         """RCFG's stock noise ``s``, one row per batch row (used by ``self`` and ``initialize``)."""
-        return self._stock
+        return self.slots.stock[self.slot]
 
     @property
     def latent_buffer(self) -> torch.Tensor:
         """The ``(n-1)·f`` rows in flight, already noised to steps 1..n-1."""
-        return self._buffer
+        return self.slots.buffer[self.slot]
+
+    @property
+    def last_outputs(self) -> list[Frame] | None:
+        return self._last_outputs
 
     def __call__(self, frame: Frame) -> Frame | None:
         """img2img for ``frame_buffer_size = 1``: one frame in, the frame of ``n - 1`` calls ago out."""
@@ -107,65 +114,38 @@ class StreamDiffusion:
         self._check_mode("img2img")
         if len(frames) != self.frames:
             raise ValueError(f"img2img needs exactly frame_buffer_size={self.frames} frames, got {len(frames)}")
-        images = self.preprocess(frames)
-        if self.skips(images):
+        fitted = self.screen(frames)
+        if fitted is None:
             return self.last_outputs
-        finished = self.denoise(self.noised(encode_latents(self.components.vae, images)))
-        return self.emit(finished, frame_kind(frames[0]))
-
-    def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
-        """Frames → the VAE's input batch at the configured size (see :mod:`engine.image`)."""
-        return preprocess(list(frames), self.config.height, self.config.width, self.device, self.dtype)
-
-    def skips(self, images: torch.Tensor) -> bool:
-        """Whether the similarity filter (when on) skips these preprocessed images."""
-        return self.config.similarity_filter and self.filter.should_skip(images)
-
-    def noised(self, latents: torch.Tensor) -> torch.Tensor:
-        """Encoded frames noised to the first step with the stream's fixed noise."""
-        f = self.frames
-        return self._alpha[:f] * latents.to(MATH_DTYPE) + self._beta[:f] * self._noise[:f]
-
-    def emit(self, finished: torch.Tensor | None, kind: FrameKind,
-             decoded: torch.Tensor | None = None) -> list[Frame] | None:
-        """Finished latents (or their ``decoded`` images) → output frames, remembered for re-emission."""
-        if finished is None:
-            return None
-        if decoded is None:
-            decoded = decode_latents(self.components.vae, finished.to(self.dtype))
-        self._last_outputs = postprocess(decoded, kind)
-        return self._last_outputs
-
-    @property
-    def last_outputs(self) -> list[Frame] | None:
-        return self._last_outputs
+        return self.accept(self.runner.run([self.slot], fitted), 0, frame_kind(frames[0]))
 
     @torch.inference_mode()
     def txt2img(self, output: FrameKind = "np") -> list[Frame] | None:
         """Generate ``frame_buffer_size`` frames from the stream's fixed noise and the prompt."""
         self._check_mode("txt2img")
-        return self.emit(self.denoise(self._noise[: self.frames].clone()), output)
+        return self.accept(self.runner.run([self.slot], None), 0, output)
 
-    @torch.inference_mode()
-    def denoise(self, noisy: torch.Tensor) -> torch.Tensor | None:
-        """One stream-batch call on ``f`` new rows at step 0; the finished latents, or ``None`` when warming up."""
-        rows = self.prepare(noisy)
-        return self.finish(rows, self.unet(rows.sample, rows.timesteps, rows.embeds))
+    def screen(self, frames: Sequence[Frame]) -> list[Frame | torch.Tensor] | None:
+        """The frames to run, or None when the similarity filter (if on) skips them.
 
-    def prepare(self, noisy: torch.Tensor) -> UNetRows:
-        """The rows this stream adds to a UNet call; changes no state, so a failed call can be retried."""
-        x = torch.cat([noisy, self._buffer]) if self.steps > 1 else noisy
-        return UNetRows(x, self._cfg_layout(x).to(self.dtype), self._unet_timesteps, self._unet_embeds)
+        With the filter on, frames are fitted here to compare them; the call reuses that work.
+        """
+        if not self.config.similarity_filter:
+            return list(frames)
+        fitted = [self.runner.loader.fitted(frame) for frame in frames]
+        images = torch.stack(fitted).mul(2.0).sub(1.0).to(self.dtype)  # what the VAE sees
+        return None if self.filter.should_skip(images) else fitted
 
-    def finish(self, rows: UNetRows, prediction: torch.Tensor) -> torch.Tensor | None:
-        """Apply the UNet's ``prediction`` for ``rows``: guidance, x0, stock noise, buffer shift."""
-        f, x = self.frames, rows.x
-        eps = self._guide(self._as_epsilon(prediction.to(MATH_DTYPE), self._cfg_layout(x)))
-        x0 = self._c_out * (x - self._beta * eps) / self._alpha + self._c_skip * x
-        finished = None if self.warming_up else x0[-f:]
-        if self.config.cfg_type in ("self", "initialize"):
-            self._stock = self._next_stock(eps)
-        self._buffer = self._next_buffer(x0)
+    def accept(self, result: CallResult, position: int, kind: FrameKind) -> list[Frame] | None:
+        """Take this stream's share (at ``position``) of a call that ran: its finished frames, or None while warming up."""
+        if not self.advance():
+            return None
+        self._last_outputs = result.frames(position, self.frames, kind)
+        return self._last_outputs
+
+    def advance(self) -> bool:
+        """Count a call that moved the state on; True when it finished a frame (the pipeline was full)."""
+        finished = not self.warming_up
         self.calls += 1
         return finished
 
@@ -184,8 +164,8 @@ class StreamDiffusion:
         the stream keeps its old configuration and state.
         """
         old, state = self.config, self._changed_state(self.config, new)
+        self.slots.write(self.slot, **state, **self._scalars(new))
         self.config = new
-        self.__dict__.update(state)
         if new.seed != old.seed:
             self.filter.reseed(new.seed)
         self.filter.threshold = new.similarity_threshold
@@ -198,58 +178,13 @@ class StreamDiffusion:
         self.calls = 0
         self._last_outputs = None
         self.filter.reset()
-        self._buffer = torch.zeros_like(self._buffer)
-        self._stock = self._noise.clone()
+        self.slots.write(self.slot, buffer=0.0, stock=self.noise)
 
-    # ------------------------------------------------------------- the math
-
-    def _guide(self, eps: torch.Tensor) -> torch.Tensor:
-        """Residual CFG over the UNet's noise predictions (laid out as :meth:`_cfg_layout`)."""
-        cfg, f = self.config.cfg_type, self.frames
-        if cfg == "none":
-            return eps
-        if cfg == "full":
-            eps_uncond, eps_cond = eps.chunk(2)
-        else:
-            if cfg == "initialize":  # the real negative pass on the new frames refreshes their stock noise
-                self._stock = torch.cat([eps[:f], self._stock[f:]])
-                eps = eps[f:]
-            eps_cond, eps_uncond = eps, self.config.delta * self._stock
-        return eps_uncond + self.config.guidance_scale * (eps_cond - eps_uncond)
-
-    def _as_epsilon(self, prediction: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        if self.components.prediction_type == "v_prediction":  # ε = α·v + β·x
-            return self._cfg_layout(self._alpha) * prediction + self._cfg_layout(self._beta) * sample
-        return prediction
-
-    def _next_stock(self, eps: torch.Tensor) -> torch.Tensor:
-        """Residual noise each row will carry at its next step (StreamDiffusion's stock-noise update).
-
-        ``Δ = c_out·(β·s − β·ε̂)/α + c_skip·β·s``; a row moving from step i to i+1 gets
-        ``ε_{i+1} + (α_{i+1}/β_{i+1})·Δ_i``; new frames enter with the noise they were given, ``ε_0``.
-        """
-        f = self.frames
-        scaled = self._beta * self._stock
-        delta = self._c_out * (scaled - self._beta * eps) / self._alpha + self._c_skip * scaled
-        moved = self._noise[f:] + self._alpha[f:] / self._beta[f:] * delta[:-f]
-        return torch.cat([self._noise[:f], moved])
-
-    def _next_buffer(self, x0: torch.Tensor) -> torch.Tensor:
-        """Rows at steps 0..n-2 re-noised to their next step: ``α_{i+1}·x0_i (+ β_{i+1}·ε_{i+1})``."""
-        f = self.frames
-        moved = self._alpha[f:] * x0[:-f]
-        if self.config.do_add_noise:
-            moved = moved + self._beta[f:] * self._noise[f:]
-        return moved
-
-    def _cfg_layout(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-row values laid out like the UNet batch: ``[uncond rows, cond rows]``."""
-        cfg = self.config.cfg_type
-        if cfg == "full":
-            return torch.cat([rows, rows])
-        if cfg == "initialize":
-            return torch.cat([rows[: self.frames], rows])
-        return rows
+    def close(self) -> None:
+        """Give the slot back (its runner's other streams go on). Idempotent."""
+        if self.slot is not None:
+            self.slots.release(self.slot)
+            self.slot = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------- state set-up
 
@@ -257,9 +192,9 @@ class StreamDiffusion:
         schedule = step_schedule(self.components.scheduler, config.t_index_list, config.num_inference_steps)
         per_row = dict(frames=config.frame_buffer_size, device=self.device, dtype=MATH_DTYPE)
         timesteps = schedule.timesteps.repeat_interleave(config.frame_buffer_size).to(self.device)
-        return {"_alpha": schedule.per_row("alpha", **per_row), "_beta": schedule.per_row("beta", **per_row),
-                "_c_skip": schedule.per_row("c_skip", **per_row), "_c_out": schedule.per_row("c_out", **per_row),
-                "_unet_timesteps": self._cfg_layout(timesteps)}
+        return {"alpha": schedule.per_row("alpha", **per_row), "beta": schedule.per_row("beta", **per_row),
+                "c_skip": schedule.per_row("c_skip", **per_row), "c_out": schedule.per_row("c_out", **per_row),
+                "timesteps": self._unet_layout(timesteps)}
 
     def _noise_state(self, config: StreamConfig) -> dict[str, torch.Tensor]:
         """The stream's noise, drawn once from the seed (on the CPU, so every device agrees)."""
@@ -268,7 +203,7 @@ class StreamDiffusion:
         generator = torch.Generator("cpu").manual_seed(config.seed)
         shape = (rows, self.components.latent_channels, height, width)
         noise = torch.randn(shape, generator=generator, dtype=MATH_DTYPE).to(self.device)
-        return {"_noise": noise, "_stock": noise.clone()}
+        return {"noise": noise, "stock": noise}
 
     def _prompt_state(self, config: StreamConfig) -> dict[str, torch.Tensor]:
         cond = self.prompts.encode_weighted(config.prompt).to(self.dtype)
@@ -278,7 +213,11 @@ class StreamDiffusion:
             "full": [uncond.expand(rows, -1, -1), cond.expand(rows, -1, -1)],
             "initialize": [uncond.expand(f, -1, -1), cond.expand(rows, -1, -1)],
         }
-        return {"_unet_embeds": torch.cat(layouts.get(config.cfg_type, [cond.expand(rows, -1, -1)]))}
+        return {"embeds": torch.cat(layouts.get(config.cfg_type, [cond.expand(rows, -1, -1)]))}
+
+    @staticmethod
+    def _scalars(config: StreamConfig) -> dict[str, float]:
+        return {"guidance": config.guidance_scale, "delta": config.delta, "add_noise": float(config.do_add_noise)}
 
     def _changed_state(self, old: StreamConfig, new: StreamConfig) -> dict[str, torch.Tensor]:
         """Everything ``new`` needs recomputed, built before any of it is committed."""
@@ -290,6 +229,9 @@ class StreamDiffusion:
         if (new.prompt, new.negative_prompt) != (old.prompt, old.negative_prompt):
             state.update(self._prompt_state(new))
         return state
+
+    def _unet_layout(self, rows: torch.Tensor) -> torch.Tensor:
+        return layout(rows[None], self.slots.shape)[0]
 
     # ------------------------------------------------------------- helpers
 

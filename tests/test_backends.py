@@ -65,7 +65,7 @@ async def test_the_engine_runs_each_backend_by_name(tiny, prepared) -> None:
 
 
 def test_an_unknown_backend_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"backend='onnx' is unknown; available: \['compile', 'torch', 'trt'\]"):
+    with pytest.raises(ValueError, match=r"backend='onnx' is unknown; available: \['auto', 'torch', 'compile', 'trt'\]"):
         EngineConfig(backend="onnx")
 
 
@@ -79,19 +79,23 @@ def test_a_backend_that_cannot_run_says_what_it_lacks(tiny, monkeypatch) -> None
 
 
 def test_the_compile_backend_compiles_every_shape_before_streams_start(tiny) -> None:
-    """A second session must not freeze the first while its batch shape compiles: every shape the
-    worker can send (1 to ``sessions`` streams per call, VAE and UNet) compiles when the backend starts."""
+    """A second session must not freeze the first while its batch shape compiles: every call size
+    the worker can send (1 to ``sessions`` streams, VAE and UNet) compiles before streams start."""
     import torch._dynamo.utils
 
-    from engine.backends import BackendOptions
     from engine.batch import FrameJob, run_jobs
+    from engine.graphs import CallRunner
+    from engine.slots import StreamSlots
+    from engine.stream import step_models
 
     backend_or_skip("compile")
-    components, unet = prepare_backend("compile", tiny, CONFIG, BackendOptions(sessions=3))
+    components, unet = prepare_backend("compile", tiny, CONFIG)
+    runner = CallRunner(step_models(components, unet), StreamSlots.for_config(components, CONFIG, 3), 3)
+    runner.warm_up()
     compiled_at_start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    streams = [StreamDiffusion(components, CONFIG.with_updates(prompt=p), unet=unet) for p in ("ink", "neon", "oil")]
+    streams = [StreamDiffusion(components, CONFIG.with_updates(prompt=p), runner=runner) for p in ("ink", "neon", "oil")]
     for k, picture in enumerate(frames(5)):
         jobs = [FrameJob(stream, picture) for stream in streams[: 1 + k % 3]]  # 1, 2, 3, 1, 2 streams per call
-        sizes = run_jobs(jobs, unet, components.vae)
+        sizes = run_jobs(jobs, runner)
         assert sizes["unet_streams"] == len(jobs) and all(job.error is None for job in jobs)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_at_start, "a shape compiled mid-stream"

@@ -1,7 +1,8 @@
 """The torch backend on a CUDA GPU: the same stream, the same runtime, the real architecture.
 
 Skipped where torch sees no CUDA device; ``.ci/gpu-check`` runs them (and the GPU benchmarks)
-on a machine with one.
+on a machine with one. The engine's CUDA graphs are captured and replayed here for real; the
+CPU tests (``tests/test_graphs.py``) cover the same runner with stand-in graphs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from engine.config import StreamConfig
+from engine.models import ModelSpec
 from engine.presets import build_preset
 from engine.runtime import Engine, EngineConfig
 from engine.stream import StreamDiffusion
@@ -67,32 +69,56 @@ def test_sd_turbo_architecture_runs_a_512_stream_in_fp16() -> None:
 
 
 async def in_step(sessions: list, frames_now: list[np.ndarray], pts: int, collected: list[list]) -> None:
-    """Submit one frame to each session, wait until all went through (compiling can take minutes), collect."""
+    """Submit one frame to each session, wait until all went through, collect what came out."""
     targets = [s.metrics.processed + 1 for s in sessions]
     for session, picture in zip(sessions, frames_now):
         session.submit(picture, pts=pts)
-    await wait_until(lambda: [s.metrics.processed for s in sessions] == targets, timeout=300)
+    await wait_until(lambda: [s.metrics.processed for s in sessions] == targets, timeout=60)
     await asyncio.sleep(0)
     for session, bucket in zip(sessions, collected):
         if session._output is not None:
             bucket.append(await session.next_output())
 
 
-async def test_the_compile_backend_with_cuda_graphs_serves_sessions_like_eager(gpu_tiny) -> None:
-    """CUDA graph trees reuse output memory, and a second session changes the batch shape mid-stream."""
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+async def test_cuda_graphs_serve_sessions_joining_and_leaving_like_eager(gpu_tiny, backend: str) -> None:
+    """The engine's own graphs (captured on the worker, one per call size, one pool), over compiled kernels
+    or eager ones: a second session joins mid-stream, the first leaves, a third takes its slot."""
     config = CONFIG.with_updates(prompt="ink drawing")
-    inputs = frames(6)
-    outputs: list[list] = [[], []]
-    engine_config = EngineConfig(stream=config, backend="compile", max_sessions=2, idle_timeout=600)  # compiling is slow
-    async with Engine(engine_config, components=gpu_tiny) as engine:
+    inputs = frames(8)
+    outputs: list[list] = [[], [], []]
+    engine_config = EngineConfig(stream=config, backend=backend, graphs=True, max_sessions=2, idle_timeout=600)
+    async with Engine(engine_config, components=gpu_tiny) as engine:  # compiling and capturing happen here
+        assert engine._workers[0].model.runner.captured == [1, 2]
         first = await engine.open_session()
         for k in range(3):
             await in_step([first], [inputs[k]], k, outputs[:1])
         second = await engine.open_session()
         for k in range(3, 6):
-            await in_step([first, second], [inputs[k], inputs[k]], k, outputs)
-    pairs = [(outputs[0], solo(gpu_tiny, config, inputs)), (outputs[1], solo(gpu_tiny, config, inputs[3:]))]
-    for got, want in pairs:
+            await in_step([first, second], [inputs[k], inputs[k]], k, outputs[:2])
+        first.close()
+        third = await engine.open_session()
+        for k in range(6, 8):
+            await in_step([second, third], [inputs[k], inputs[k]], k, outputs[1:])
+    expected = [solo(gpu_tiny, config, inputs[:6]), solo(gpu_tiny, config, inputs[3:]), solo(gpu_tiny, config, inputs[6:])]
+    for got, want in zip(outputs, expected):
         assert len(got) == len(want) > 0
         for output, frame in zip(got, want):
             assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2
+
+
+async def test_sd_turbo_architecture_replays_its_calls_as_graphs_like_eager() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU visible to torch")
+    config = StreamConfig(t_index_list=(32, 45), prompt="a cat")
+    inputs = frames(4, 512)
+    engine_config = EngineConfig(model=ModelSpec("sd-turbo-random", device="cuda"), stream=config, backend="torch",
+                                 graphs=True, max_sessions=1, idle_timeout=600)
+    async with Engine(engine_config) as engine:
+        outputs = await lockstep(await engine.open_session(), inputs)
+        components = engine.components
+        eager = await engine.run_on_device(lambda model: solo(model.components, config, inputs))
+    assert components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(outputs) == len(eager) == 3
+    for output, frame in zip(outputs, eager):
+        assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2

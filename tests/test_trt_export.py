@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 
+from engine.backends import torch_unet
 from engine.config import StreamConfig
 from engine.runtime import Engine, EngineConfig
 from engine.stream import StreamDiffusion
@@ -47,12 +48,12 @@ def exported(tiny, tmp_path_factory) -> dict[str, tuple]:
 async def test_the_unet_profile_covers_the_rows_the_runtime_really_sends(tiny, cfg_type) -> None:
     config = StreamConfig(t_index_list=(20, 40), width=64, height=64, cfg_type=cfg_type)
     profile = ShapeProfile.for_stream(config, sessions=3)
-    torch_unet, seen, gate = StreamDiffusion(tiny, config).unet, [], threading.Event()
+    plain_unet, seen, gate = torch_unet(tiny.unet), [], threading.Event()
 
     def gated_unet(sample, timesteps, embeds):  # holds the first call until every session has a frame waiting
         gate.wait(10)
         seen.append(sample.shape[0])
-        return torch_unet(sample, timesteps, embeds)
+        return plain_unet(sample, timesteps, embeds)
 
     frame = np.zeros((64, 64, 3), np.uint8)
     async with Engine(EngineConfig(stream=config, max_sessions=3), components=tiny, unet=gated_unet) as engine:

@@ -1,0 +1,185 @@
+"""The engine's own CUDA graphs: one captured call per number of streams, replayed over static buffers.
+
+Eager, an sd-turbo UNet call at 512² spends most of its time launching kernels (27 ms eager,
+9 ms replayed from a graph on an H200). So, as vLLM's and SGLang's graph runners do, the
+device's worker captures the whole of one call (:func:`engine.step.stream_step`: fitted
+pixels → encode → noise → UNet → guidance and scheduler math → buffer shift → decode →
+uint8) once for each number of streams ``k`` it will batch, then replays it:
+
+- inputs live in static buffers sized for the most streams (the slot index and the pixels);
+  ``k`` streams use their first ``k`` rows;
+- each stream's state lives in its slot (:mod:`engine.slots`), which the graph gathers by index
+  and writes back, so a replay serves whichever streams the index names;
+- every size shares one memory pool, captured largest first; outputs are read (copied to
+  pinned host memory, one synchronisation) before the next replay overwrites them.
+
+:class:`CallRunner` is the same object with or without graphs: without, it runs the call
+eagerly through the same static buffers. On the CPU, ``graphs=True`` stands a
+:class:`EagerGraph` in for the CUDA graph (replay re-runs the call into the outputs of the
+first run), so tests cover the buffer and state logic; only the real replay needs a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Callable, Protocol
+
+import torch
+
+from engine.image import Frame, FrameKind, PixelLoader
+from engine.slots import StreamSlots
+from engine.step import StepModels, StepOutput, stream_step
+
+log = logging.getLogger(__name__)
+
+WARMUP_CALLS = 2  # before capture: compile, autotune, cuDNN and TensorRT set-up all happen on early calls
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One call's outputs, valid until the runner's next call: ``k·f`` frames stream-major."""
+
+    pixels: torch.Tensor  # (k·f, H, W, 3) uint8, on the host
+    unit: torch.Tensor    # (k·f, 3, H, W) float32 in [0, 1], on the device
+    latents_finite: list[bool]
+    pixels_finite: list[bool]
+
+    def frames(self, position: int, count: int, kind: FrameKind) -> list[Frame]:
+        """Stream ``position``'s ``count`` frames as ``kind``, copied out of the shared buffers."""
+        rows = slice(position * count, (position + 1) * count)
+        if kind == "pt":
+            return list(self.unit[rows].clone().unbind(0))
+        return list(self.pixels[rows].numpy().copy())
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+class EagerGraph:
+    """A CUDA graph's contract without CUDA: replay re-runs the call and writes into the first run's outputs."""
+
+    def __init__(self, call: Callable[[], StepOutput]) -> None:
+        self.call = call
+        self.outputs = call()
+
+    def replay(self) -> None:
+        fresh = self.call()
+        for field in fields(StepOutput):
+            getattr(self.outputs, field.name).copy_(getattr(fresh, field.name))
+
+
+@dataclass(frozen=True)
+class Captured:
+    graph: Graph
+    outputs: StepOutput
+
+
+class CallRunner:
+    """Runs calls of 1 … ``max_streams`` streams over static buffers; replays captured sizes as graphs."""
+
+    def __init__(self, models: StepModels, slots: StreamSlots, max_streams: int, *, encode: bool = True) -> None:
+        if max_streams > slots.capacity:
+            raise ValueError(f"max_streams={max_streams} exceeds the {slots.capacity} stream slots")
+        self.models, self.slots, self.max_streams, self.encode = models, slots, max_streams, encode
+        self.device = slots.device
+        shape, cuda = slots.shape, slots.device.type == "cuda"
+        rows = max_streams * shape.frames
+        self.index = torch.zeros(max_streams, dtype=torch.long, device=self.device)
+        self.pixels = torch.zeros(rows, 3, shape.height, shape.width, device=self.device)
+        self.loader = PixelLoader(self.pixels)
+        self._host_index = torch.zeros(max_streams, dtype=torch.long, pin_memory=cuda)
+        self._host_pixels = torch.empty(rows, shape.height, shape.width, 3, dtype=torch.uint8, pin_memory=cuda)
+        self._host_flags = torch.empty(2, max_streams, dtype=torch.bool, pin_memory=cuda)
+        self._graphs: dict[int, Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
+        self._logged_eager: set[int] = set()
+
+    @property
+    def captured(self) -> list[int]:
+        """The stream counts that replay as graphs."""
+        return sorted(self._graphs)
+
+    @torch.inference_mode()  # as every call runs: compiled code guards on it
+    def capture(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
+        """Capture a graph for each stream count in ``sizes`` (default all), largest first, sharing one pool.
+
+        Run it on the thread that will replay (the device's worker) before any stream takes a slot:
+        the warm-up calls write into the first slots.
+        """
+        if self.slots.in_use:
+            raise RuntimeError("capture graphs before streams take slots: warm-up calls write into them")
+        for k in sorted(sizes or range(1, self.max_streams + 1), reverse=True):
+            progress(f"capturing the call for {k} stream(s) as a {'CUDA' if self._pool else 'stand-in'} graph")
+            self.index[:k].copy_(torch.arange(k))
+            self._graphs[k] = self._capture(k)
+
+    @torch.inference_mode()
+    def warm_up(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
+        """Run each call size once now (compiling kernels for it), so no stream waits for that later.
+
+        Like :meth:`capture`, before any stream takes a slot.
+        """
+        if self.slots.in_use:
+            raise RuntimeError("warm up before streams take slots: warm-up calls write into them")
+        for k in sorted(sizes or range(1, self.max_streams + 1), reverse=True):
+            progress(f"compiling the call for {k} stream(s) (once per size)")
+            self.index[:k].copy_(torch.arange(k))
+            self._step(k)
+
+    @torch.inference_mode()
+    def run(self, slots: list[int], frames: list[Frame | torch.Tensor] | None) -> CallResult:
+        """One call for the streams in ``slots`` (``frames``: theirs, ``f`` each, stream-major; None for txt2img)."""
+        k = len(slots)
+        if not 0 < k <= self.max_streams:
+            raise ValueError(f"a call takes 1 to {self.max_streams} streams, got {k}")
+        self._host_index[:k] = torch.tensor(slots)
+        self.index[:k].copy_(self._host_index[:k], non_blocking=True)
+        if frames is not None:
+            self.loader.load(frames)
+        captured = self._graphs.get(k)
+        if captured is not None:
+            captured.graph.replay()
+            output = captured.outputs
+        else:
+            self._log_eager(k)
+            output = self._step(k)
+        return self._to_host(k, output)
+
+    def _step(self, k: int) -> StepOutput:
+        pixels = self.pixels[: k * self.slots.shape.frames] if self.encode else None
+        return stream_step(self.models, self.slots, self.index[:k], pixels)
+
+    def _capture(self, k: int) -> Captured:
+        if self._pool is None:
+            stand_in = EagerGraph(lambda: self._step(k))
+            return Captured(stand_in, stand_in.outputs)
+        caller = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                self._step(k)
+        caller.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the event loop's thread never touches CUDA, but a library's helper thread might
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = self._step(k)
+        return Captured(graph, outputs)
+
+    def _to_host(self, k: int, output: StepOutput) -> CallResult:
+        """Pixels and flags to the host in two copies and one synchronisation."""
+        rows = k * self.slots.shape.frames
+        pixels, flags = self._host_pixels[:rows], self._host_flags[:, :k]
+        pixels.copy_(output.pixels, non_blocking=True)
+        flags.copy_(torch.stack([output.latents_finite, output.pixels_finite]), non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        latents_finite, pixels_finite = flags.tolist()
+        return CallResult(pixels, output.unit[:rows], latents_finite, pixels_finite)
+
+    def _log_eager(self, k: int) -> None:
+        if self._graphs and k not in self._logged_eager:
+            self._logged_eager.add(k)
+            log.info("no graph captured for %d streams per call: running that size eagerly", k)
