@@ -14,7 +14,11 @@ from tqdm import tqdm
 
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list, strength_to_t_index_list
-from engine.backends import backend_missing, prepare_backend
+from engine.backends import BackendOptions, backend_missing, prepare_backend, resolve_backend
+from engine.components import Components
+from engine.graphs import prepared_runner
+from engine.slots import StreamSlots
+from engine.step import step_models
 from engine.cli import add_backend_argument, add_model_arguments, model_spec
 from engine.models import ModelUnavailableError, load_components
 from engine.stream import StreamDiffusion
@@ -98,6 +102,15 @@ def stylize(stream: StreamDiffusion, frames: Iterator[np.ndarray], writer: cv2.V
     return written
 
 
+def fast_stream(components: Components, config: StreamConfig, backend: str) -> StreamDiffusion:
+    """The stream on ``backend``, its call captured as a CUDA graph on a GPU (this one thread owns the device)."""
+    backend, graphs = resolve_backend(backend, components.device), components.device.type == "cuda"
+    prepared, unet = prepare_backend(backend, components, config, BackendOptions(call_graphs=graphs))
+    runner = prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1,
+                             graphs=graphs, compiled=backend == "compile")
+    return StreamDiffusion(prepared, config, runner=runner)
+
+
 def _write(writer: cv2.VideoWriter, frame: np.ndarray | None) -> int:
     if frame is None:
         return 0
@@ -114,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = backend_missing(args.backend, model_spec(args).resolved_device())
         if missing is not None:
             raise ValueError(f"--backend {args.backend} needs {missing}")
-        components, unet = prepare_backend(args.backend, load_components(model_spec(args)), config)
+        stream = fast_stream(load_components(model_spec(args)), config, args.backend)
     except (ValueError, RuntimeError, FileNotFoundError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"model {components.name} on {components.device} ({components.dtype}), backend {args.backend}, "
+    components = stream.components
+    print(f"model {components.name} on {components.device} ({components.dtype}), "
+          f"backend {resolve_backend(args.backend, components.device)}, "
           f"{config.width}x{config.height}, "
           f"t_index_list={config.t_index_list}, cfg={config.cfg_type}")
     output = Path(args.output)
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = cv2.VideoWriter(str(output), fourcc, fps, (config.width, config.height))
     started = time.perf_counter()
     try:
-        written = stylize(StreamDiffusion(components, config, unet=unet), frames, writer, args.frames)
+        written = stylize(stream, frames, writer, args.frames)
     finally:
         writer.release()
     elapsed = time.perf_counter() - started

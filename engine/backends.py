@@ -47,6 +47,8 @@ class BackendOptions:
     progress: Callable[[str], None] = field(default=lambda stage: None, compare=False)
     #: free the GPU memory of torch modules the backend replaces (off where they are still used)
     release: bool = True
+    #: the engine captures each whole call as a CUDA graph: parts must not capture graphs of their own
+    call_graphs: bool = False
 
 
 Prepare = Callable[[Components, StreamConfig, BackendOptions], tuple[Components, UNetFn]]

@@ -35,9 +35,10 @@ from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec, load_components
 from engine.presets import PRESETS
 from engine.schedule import step_schedule
-from engine.graphs import CallRunner
+from engine.graphs import CallRunner, prepared_runner
 from engine.slots import StreamSlots
-from engine.stream import StreamDiffusion, step_models
+from engine.step import step_models
+from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frames
 from engine.vae import decode_latents, encode_latents
 
@@ -271,12 +272,9 @@ def accelerated(components: Components, config: StreamConfig, args: argparse.Nam
         return {}
     print(f"preparing the {backend} backend" + (" and capturing its call as a graph" if graphs else ""),
           file=sys.stderr)
-    prepared, unet = prepare_backend(backend, components, config, BackendOptions(release=False))
-    runner = CallRunner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1)
-    if graphs:
-        runner.capture()
-    else:
-        runner.warm_up()
+    prepared, unet = prepare_backend(backend, components, config, BackendOptions(release=False, call_graphs=graphs))
+    runner = prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1,
+                             graphs=graphs, compiled=backend == "compile")
     return {backend + ("+graphs" if graphs else ""): runner}
 
 

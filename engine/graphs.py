@@ -53,6 +53,17 @@ class CallResult:
         return list(self.pixels[rows].numpy().copy())
 
 
+def prepared_runner(models: StepModels, slots: StreamSlots, streams: int, *, graphs: bool, compiled: bool,
+                    progress: Callable[[str], None] = lambda line: None) -> CallRunner:
+    """A runner with every call size ready: captured as graphs, or (compiled kernels) run once; before any stream."""
+    runner = CallRunner(models, slots, streams)
+    if graphs:
+        runner.capture(progress=progress)
+    elif compiled:
+        runner.warm_up(progress=progress)
+    return runner
+
+
 class Graph(Protocol):
     def replay(self) -> None: ...
 

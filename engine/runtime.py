@@ -28,12 +28,13 @@ import torch
 from engine.backends import BACKEND_CHOICES, BackendOptions, UNetFn, prepare_backend, resolve_backend
 from engine.components import Components
 from engine.config import StreamConfig, updated_config
-from engine.graphs import CallRunner
+from engine.graphs import prepared_runner
 from engine.metrics import EngineMetrics, engine_snapshot, prometheus_text
 from engine.models import ModelSpec, load_components
 from engine.session import EngineBusyError, Session
 from engine.slots import StreamSlots
-from engine.stream import StreamDiffusion, step_models
+from engine.step import step_models
+from engine.stream import StreamDiffusion
 from engine.worker import DeviceModel, Worker
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,13 @@ class Engine:
         backend = "given" if unet is not None else resolve_backend(self.config.backend, components.device)
         if unet is None:
             options = BackendOptions(sessions=self.config.sessions_per_call, model=self.config.model.model,
-                                     lora=self.config.model.lcm_lora, progress=self._progress, release=owned)
+                                     lora=self.config.model.lcm_lora, progress=self._progress, release=owned,
+                                     call_graphs=self.config.graphs_on(components.device))
             components, unet = prepare_backend(backend, components, self.config.stream, options)
         slots = StreamSlots.for_config(components, self.config.stream, capacity=self.config.max_sessions)
-        runner = CallRunner(step_models(components, unet), slots, self.config.sessions_per_call)
-        if self.config.graphs_on(components.device):
-            runner.capture(progress=self._progress)
-        elif backend == "compile":
-            runner.warm_up(progress=self._progress)
+        runner = prepared_runner(step_models(components, unet), slots, self.config.sessions_per_call,
+                                 graphs=self.config.graphs_on(components.device), compiled=backend == "compile",
+                                 progress=self._progress)
         return DeviceModel(components, runner, backend)
 
     async def open_session(self, **params: Any) -> Session:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.backends import UNetFn
-from engine.components import Vae
+from engine.backends import UNetFn, torch_unet
+from engine.components import Components, Vae
 from engine.slots import MATH_DTYPE, Gathered, StreamShape, StreamSlots
 from engine.vae import decode_latents, encode_latents
 
@@ -32,6 +32,12 @@ class StepModels:
     vae: Vae
     dtype: torch.dtype
     v_prediction: bool = False
+
+
+def step_models(components: Components, unet: UNetFn | None = None) -> StepModels:
+    """What :func:`stream_step` runs for ``components`` (with ``unet``, else the torch UNet)."""
+    return StepModels(unet or torch_unet(components.unet), components.vae, components.dtype,
+                      components.prediction_type == "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def stream_step(models: StepModels, slots: StreamSlots, index: torch.Tensor,
         unit=unit,
         pixels=unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(),
         latents_finite=_finite(buffer) & _finite(finished),
-        pixels_finite=_finite(decoded.view(len(index), -1)),
+        pixels_finite=_finite(decoded.reshape(len(index), -1)),  # reshape: channels_last on CUDA
     )
     slots.scatter(index, buffer, stock)
     return output

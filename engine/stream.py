@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.backends import UNetFn, torch_unet
+from engine.backends import UNetFn
 from engine.components import Components
 from engine.config import StreamConfig, updated_config
 from engine.graphs import CallResult, CallRunner
@@ -26,13 +26,7 @@ from engine.prompts import PromptEncoder
 from engine.schedule import step_schedule
 from engine.similarity import SimilarityFilter
 from engine.slots import MATH_DTYPE, StreamShape, StreamSlots
-from engine.step import StepModels, layout
-
-
-def step_models(components: Components, unet: UNetFn | None = None) -> StepModels:
-    """What :func:`engine.step.stream_step` runs for ``components`` (with ``unet``, else the torch UNet)."""
-    return StepModels(unet or torch_unet(components.unet), components.vae, components.dtype,
-                      components.prediction_type == "v_prediction")
+from engine.step import layout, step_models
 
 
 class StreamDiffusion:

@@ -86,7 +86,7 @@ def test_the_compile_backend_compiles_every_shape_before_streams_start(tiny) -> 
     from engine.batch import FrameJob, run_jobs
     from engine.graphs import CallRunner
     from engine.slots import StreamSlots
-    from engine.stream import step_models
+    from engine.step import step_models
 
     backend_or_skip("compile")
     components, unet = prepare_backend("compile", tiny, CONFIG)

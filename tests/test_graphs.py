@@ -21,7 +21,8 @@ from engine.image import PixelLoader, fit, to_chw
 from engine.runtime import Engine, EngineConfig
 from engine.slots import StreamSlots
 from engine.step import stream_step
-from engine.stream import StreamDiffusion, step_models
+from engine.step import step_models
+from engine.stream import StreamDiffusion
 from tests.test_runtime import lockstep, solo
 
 SIZE = 64
@@ -159,6 +160,32 @@ async def test_the_engine_with_graphs_serves_sessions_like_each_alone(tiny) -> N
         assert len(got) == len(want) == 3
         for output, frame in zip(got, want):
             assert_same_picture(output.frame, frame)
+
+
+def test_channels_last_modules_give_the_same_pictures(tiny) -> None:
+    """On CUDA the UNet and VAE run channels_last; every reshape of a call must take those strides."""
+    import copy
+    from dataclasses import replace
+
+    fast = replace(tiny, unet=copy.deepcopy(tiny.unet), vae=copy.deepcopy(tiny.vae))
+    for module in (fast.unet, fast.vae):
+        module.to(memory_format=torch.channels_last)
+    config = CONFIG.with_updates(cfg_type="initialize")
+    inputs = pictures(4)
+    runner = runner_for(fast, config, streams=2)
+    streams = [StreamDiffusion(fast, config.with_updates(seed=s), runner=runner) for s in range(2)]
+    got: list[list] = [[], []]
+    for picture in inputs:
+        jobs = [FrameJob(stream, picture) for stream in streams]
+        run_jobs(jobs, runner)
+        for bucket, job in zip(got, jobs):
+            assert job.error is None
+            bucket += job.outputs or []
+    for s, bucket in enumerate(got):
+        want = solo(tiny, config.with_updates(seed=s), inputs)
+        assert len(bucket) == len(want) == 2
+        for a, b in zip(bucket, want):
+            assert_same_picture(a, b)
 
 
 @pytest.mark.parametrize("stage", [False, True])

@@ -150,9 +150,11 @@ def _build(plan: BuildPlan, spec: ExportSpec, key: EngineKey, progress: Progress
 
 
 def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None, *,
-               release_torch: bool = False) -> tuple[Components, EngineUNet]:
+               release_torch: bool = False, own_graphs: bool = True) -> tuple[Components, EngineUNet]:
     """``plan.components`` with its VAE replaced by engines, and the UNet engine as a ``UNetFn``.
 
+    ``own_graphs``: each engine replays its own CUDA graph per shape; off when the caller captures
+    whole calls (a graph cannot be launched while another is being captured).
     ``release_torch`` moves the torch UNet to the CPU afterwards (its config is still read; its
     GPU memory, 1.7 GB for SD in fp16, is better spent on engines and sessions).
     """
@@ -164,7 +166,7 @@ def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None, *,
     engines = build_engines(plan, progress)
     progress("loading the engines")
     device = plan.components.device
-    loaded = {part: TrtEngine(engines[part], device) for part in PARTS}
+    loaded = {part: TrtEngine(engines[part], device, cuda_graphs=own_graphs) for part in PARTS}
     vae = EngineVae(loaded["vae_encoder"], loaded["vae_decoder"], plan.components.dtype)
     if release_torch:
         plan.components.unet.to("cpu")
@@ -184,4 +186,4 @@ def prepare_trt(components: Components, config: StreamConfig,
     """The ``trt`` backend: engines for ``config``'s shapes with ``options.sessions`` streams per call."""
     plan = BuildPlan(components, ShapeProfile.for_stream(config, options.sessions), model=options.model or components.name,
                      lora=options.lora)
-    return accelerate(plan, options.progress, release_torch=options.release)
+    return accelerate(plan, options.progress, release_torch=options.release, own_graphs=not options.call_graphs)
