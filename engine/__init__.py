@@ -1,8 +1,12 @@
 """diffcam's engine: models, the stream-batch denoiser, RCFG and the similarity filter.
 
-Follow a frame: :mod:`engine.image` (preprocess) → :mod:`engine.similarity` (skip?) →
-:mod:`engine.vae` (encode) → :mod:`engine.stream` (one UNet call over the stream batch,
-scheduler math from :mod:`engine.schedule`) → :mod:`engine.vae` (decode) → :mod:`engine.image`.
+Follow a frame: :mod:`engine.stream` (one stream: the similarity filter from
+:mod:`engine.similarity`, its state in a slot of :mod:`engine.slots`) → :mod:`engine.graphs`
+(the call runner: frames into static buffers via :mod:`engine.image`, a CUDA graph per call
+size) → :mod:`engine.step` (the call itself: VAE encode, one UNet call over the stream batch
+of every stream, RCFG and the scheduler math from :mod:`engine.schedule`, VAE decode, uint8).
+The runtime (:mod:`engine.runtime`, :mod:`engine.worker`) runs all of it on the device's one
+owner thread.
 """
 
 from engine.components import Components

@@ -52,6 +52,22 @@ async def offer(session: Session, frames: list[np.ndarray], fps: float, until: f
         await asyncio.sleep(max(0.0, start + k / fps - time.monotonic()))
 
 
+async def fill(sessions: list[Session], frames: list[list[np.ndarray]], fps: float, timeout: float = 300.0) -> None:
+    """Stream until every session has delivered an output: its pipeline (``n - 1`` calls) is full.
+
+    A fixed warm-up is too short where calls are slow, and the first window would then count
+    the filling as lost output.
+    """
+    until = time.monotonic() + timeout
+    offering = [asyncio.create_task(offer(s, f, fps, until)) for s, f in zip(sessions, frames)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.next_output() for s in sessions)), timeout)
+    finally:
+        for task in offering:
+            task.cancel()
+        await asyncio.gather(*offering, return_exceptions=True)
+
+
 async def consume(session: Session, stats: StreamStats, counting_from: float, until: float) -> None:
     while time.monotonic() < until:
         try:
@@ -89,6 +105,7 @@ async def measure(engine: Engine, args: argparse.Namespace, streams: int) -> dic
     await engine.run_on_device(floor_calls(config, floor_input, calls=2))  # warm-up: first calls of a size are slow
     sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
     try:
+        await fill(sessions, frames, args.offer_fps)
         window = args.duration / ROUNDS
         for round_index in range(ROUNDS):
             warmup = args.warmup if round_index == 0 else min(1.0, args.warmup)
@@ -170,9 +187,9 @@ def print_table(results: list[dict], summary: dict) -> None:
           f"{'lat p50/p95 ms':>15} {'drops':>6}")
     print("-" * 72)
     for r in results:
+        p50, p95 = (f"{r[key]:.0f}" if r[key] is not None else "-" for key in ("latency_ms_p50", "latency_ms_p95"))
         print(f"{r['sessions']:>2} {r['runtime_fps']:>11.2f} {r['floor_fps']:>9.2f} {r['runtime_over_floor']:>7.2f} "
-              f"{r['min_session_fps']:>7.2f}/{r['max_session_fps']:<7.2f} "
-              f"{r['latency_ms_p50']:>7.0f}/{r['latency_ms_p95']:<7.0f} {r['drop_rate']:>6.0%}")
+              f"{r['min_session_fps']:>7.2f}/{r['max_session_fps']:<7.2f} {p50:>7}/{p95:<7} {r['drop_rate']:>6.0%}")
     env, config = summary["environment"], summary["config"]
     print(f"\n{config['preset']} {config['width']}x{config['height']} t_index_list={config['t_index_list']} "
           f"cfg={config['cfg_type']}, backend {config['backend']} (ready in {summary['start_seconds']:.0f} s), "
