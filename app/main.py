@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(model)
     add_backend_argument(model)
     model.add_argument("--trt", action="store_true", help="the same as --backend trt (NVIDIA GPUs)")
+    model.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each call as a CUDA graph (default: on NVIDIA GPUs; --no-graphs runs eagerly)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
     stream.add_argument("--prompt", default="a watercolor painting, soft washes of colour, paper texture",
                         help="what the camera should become")
@@ -110,7 +112,7 @@ def build_engine(args: argparse.Namespace, config: StreamConfig):
     from app.serve import SHUTDOWN_SECONDS
     from engine.runtime import Engine, EngineConfig
 
-    return Engine(EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args),
+    return Engine(EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args), graphs=args.graphs,
                                max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                                shutdown_timeout=SHUTDOWN_SECONDS))
 

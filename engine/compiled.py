@@ -83,4 +83,6 @@ def compile_missing(device: torch.device) -> str | None:
             import triton  # noqa: F401
         except ImportError:
             return "Triton for torch.compile's GPU kernels (it comes with the CUDA build of torch)"
+        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+            return "a C compiler for Triton's kernel launchers (apt-get install gcc, or set CC)"
     return None

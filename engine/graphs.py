@@ -22,6 +22,7 @@ first run), so tests cover the buffer and state logic; only the real replay need
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, fields
 from typing import Callable, Protocol
 
@@ -34,6 +35,10 @@ from engine.step import StepModels, StepOutput, stream_step
 log = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # before capture: compile, autotune, cuDNN and TensorRT set-up all happen on early calls
+
+#: one CUDA graph capture at a time in the process: entering a capture empties the allocator's
+#: cache on every device, which asserts while another device's worker is capturing
+CAPTURE_LOCK = threading.RLock()  # re-entrant: a nested capture fails loudly instead of hanging
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,8 @@ class CallResult:
     def frames(self, position: int, count: int, kind: FrameKind) -> list[Frame]:
         """Stream ``position``'s ``count`` frames as ``kind``, copied out of the shared buffers."""
         rows = slice(position * count, (position + 1) * count)
-        if kind == "pt":
-            return list(self.unit[rows].clone().unbind(0))
+        if kind == "pt":  # a contiguous copy: the buffer is the graph's, and channels_last on CUDA
+            return list(self.unit[rows].clone(memory_format=torch.contiguous_format).unbind(0))
         return list(self.pixels[rows].numpy().copy())
 
 
@@ -124,7 +129,12 @@ class CallRunner:
         for k in sorted(sizes or range(1, self.max_streams + 1), reverse=True):
             progress(f"capturing the call for {k} stream(s) as a {'CUDA' if self._pool else 'stand-in'} graph")
             self.index[:k].copy_(torch.arange(k))
-            self._graphs[k] = self._capture(k)
+            try:
+                self._graphs[k] = self._capture(k)
+            except RuntimeError as error:  # an op that cannot be captured: this size runs eagerly, still correct
+                log.warning("could not capture the call for %d stream(s) (%s); it runs eagerly", k, error)
+                if self._pool is not None:
+                    torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def warm_up(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
@@ -167,16 +177,17 @@ class CallRunner:
             stand_in = EagerGraph(lambda: self._step(k))
             return Captured(stand_in, stand_in.outputs)
         caller = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self._step(k)
-        caller.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the event loop's thread never touches CUDA, but a library's helper thread might
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = self._step(k)
+        side = torch.cuda.Stream(self.device)  # this device's: torch's default capture stream is one per process
+        with CAPTURE_LOCK:
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self._step(k)
+            caller.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other devices' workers go on running while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                outputs = self._step(k)
         return Captured(graph, outputs)
 
     def _to_host(self, k: int, output: StepOutput) -> CallResult:

@@ -159,12 +159,27 @@ class Engine:
         if components is None:
             spec = replace(self.config.model, device=str(device))
             components = load_components(spec, progress=self._progress)
-        backend = "given" if unet is not None else resolve_backend(self.config.backend, components.device)
-        if unet is None:
-            options = BackendOptions(sessions=self.config.sessions_per_call, model=self.config.model.model,
-                                     lora=self.config.model.lcm_lora, progress=self._progress, release=owned,
-                                     call_graphs=self.config.graphs_on(components.device))
-            components, unet = prepare_backend(backend, components, self.config.stream, options)
+        if unet is not None:
+            return self._ready(components, unet, "given")
+        backend = resolve_backend(self.config.backend, components.device)
+        try:
+            return self._ready(*self._prepared(backend, components, owned), backend)
+        except Exception as error:  # noqa: BLE001 - auto promised a working backend, not this one
+            if self.config.backend != "auto" or backend == "torch":
+                raise
+            log.warning("backend auto: %s failed (%s: %s); serving with eager torch", backend,
+                        type(error).__name__, error)
+            self._progress(f"{backend} failed ({type(error).__name__}); serving with eager torch instead")
+            return self._ready(*self._prepared("torch", components, owned), "torch")
+
+    def _prepared(self, backend: str, components: Components, owned: bool) -> tuple[Components, UNetFn]:
+        options = BackendOptions(sessions=self.config.sessions_per_call, model=self.config.model.model,
+                                 lora=self.config.model.lcm_lora, progress=self._progress, release=owned,
+                                 call_graphs=self.config.graphs_on(components.device))
+        return prepare_backend(backend, components, self.config.stream, options)
+
+    def _ready(self, components: Components, unet: UNetFn, backend: str) -> DeviceModel:
+        """Slots for every session, and a runner with every call size compiled or captured."""
         slots = StreamSlots.for_config(components, self.config.stream, capacity=self.config.max_sessions)
         runner = prepared_runner(step_models(components, unet), slots, self.config.sessions_per_call,
                                  graphs=self.config.graphs_on(components.device), compiled=backend == "compile",
@@ -195,6 +210,7 @@ class Engine:
             self._opening -= 1
             worker.reserved -= 1
         if self._closed:
+            worker.submit(stream.close)
             raise RuntimeError("the engine shut down while the session was being opened")
         session_id = f"s{next(self._ids)}"
         session = Session(session_id, stream, self._loop, worker.wake, self._forget)

@@ -99,3 +99,26 @@ def test_the_compile_backend_compiles_every_shape_before_streams_start(tiny) -> 
         sizes = run_jobs(jobs, runner)
         assert sizes["unet_streams"] == len(jobs) and all(job.error is None for job in jobs)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_at_start, "a shape compiled mid-stream"
+
+
+async def test_auto_falls_back_to_eager_torch_when_compiling_fails(tiny, monkeypatch) -> None:
+    """auto promises a backend that serves: if the compiled one fails to start, eager torch serves instead."""
+    import engine.runtime
+
+    real_prepare = engine.runtime.prepare_backend
+
+    def prepare(name, components, config, options):
+        if name == "compile":
+            raise RuntimeError("triton: no C compiler found")
+        return real_prepare(name, components, config, options)
+
+    monkeypatch.setattr(engine.runtime, "resolve_backend", lambda name, device: "compile" if name == "auto" else name)
+    monkeypatch.setattr(engine.runtime, "prepare_backend", prepare)
+    inputs = frames(3)
+    async with Engine(EngineConfig(stream=CONFIG, backend="auto", max_sessions=1), components=tiny) as engine:
+        assert engine.backend == "torch"
+        outputs = await lockstep(await engine.open_session(), inputs)
+    assert len(outputs) == 1
+    with pytest.raises(RuntimeError, match="no C compiler"):  # asked for by name, it fails loudly
+        async with Engine(EngineConfig(stream=CONFIG, backend="compile", max_sessions=1), components=tiny):
+            pass

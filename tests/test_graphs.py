@@ -186,6 +186,35 @@ def test_channels_last_modules_give_the_same_pictures(tiny) -> None:
         assert len(bucket) == len(want) == 2
         for a, b in zip(bucket, want):
             assert_same_picture(a, b)
+    streams[0].close()
+    as_tensors = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in inputs]
+    tensor_outputs = [o for o in (streams[1](x) for x in as_tensors) if o is not None]
+    assert tensor_outputs and all(o.is_contiguous() for o in tensor_outputs), "tensor frames come back contiguous"
+
+
+def test_a_size_that_cannot_be_captured_runs_eagerly_and_the_rest_replay(tiny, monkeypatch, caplog) -> None:
+    runner = runner_for(tiny, streams=3, capture=False)
+    real_capture = runner._capture
+
+    def capture(k: int):
+        if k == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(k)
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    with caplog.at_level(logging.WARNING, logger="engine.graphs"):
+        runner.capture()
+    assert runner.captured == [1, 3]
+    assert "could not capture the call for 2 stream(s)" in caplog.text
+    streams = [StreamDiffusion(tiny, CONFIG.with_updates(seed=s), runner=runner) for s in range(2)]
+    inputs = pictures(4)
+    got = []
+    for picture in inputs:
+        jobs = [FrameJob(stream, picture) for stream in streams]
+        run_jobs(jobs, runner)
+        got += jobs[0].outputs or []
+    for a, b in zip(got, solo(tiny, CONFIG.with_updates(seed=0), inputs)):
+        assert_same_picture(a, b)
 
 
 @pytest.mark.parametrize("stage", [False, True])

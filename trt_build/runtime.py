@@ -18,6 +18,8 @@ from pathlib import Path
 import tensorrt as trt
 import torch
 
+from engine.graphs import CAPTURE_LOCK
+
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
 TORCH_DTYPES: dict[trt.DataType, torch.dtype] = {
@@ -112,7 +114,7 @@ class TrtEngine:
         try:
             # thread_local: a session opening on another thread (text encoder, noise to the GPU)
             # must not break the capture, nor the capture break it
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self._execute(context)
         except RuntimeError:  # some engines (data-dependent shapes) cannot be captured: stay eager
             return None
