@@ -19,11 +19,9 @@ import torch
 
 from engine.graphs import CallResult, CallRunner
 from engine.image import Frame, frame_kind
-from engine.stream import StreamDiffusion
+from engine.stream import NonFiniteOutputError, StreamDiffusion
 
-
-class NonFiniteOutputError(RuntimeError):
-    """The model produced NaN or inf for this stream's frame."""
+__all__ = ["FrameJob", "NonFiniteOutputError", "run_jobs"]
 
 
 @dataclass
@@ -65,14 +63,11 @@ def _call(group: list[FrameJob], runner: CallRunner) -> None:
 
 
 def _accept(job: FrameJob, result: CallResult, position: int) -> None:
-    stream = job.stream
-    if not result.latents_finite[position]:
-        stream.reset()
-        raise NonFiniteOutputError("the model produced NaN/inf for this frame; the stream was reset")
-    if not result.pixels_finite[position]:
-        job.advanced, job.output_due = True, stream.advance()
-        raise NonFiniteOutputError("the VAE decoded NaN/inf for this frame")
-    job.outputs = stream.accept(result, position, frame_kind(job.frame))
+    try:
+        job.outputs = job.stream.accept(result, position, frame_kind(job.frame))
+    except NonFiniteOutputError as error:
+        job.advanced, job.output_due = error.advanced, error.output_due
+        raise
     job.advanced = True
 
 

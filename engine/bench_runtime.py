@@ -146,7 +146,7 @@ def floor_calls(config: StreamConfig, frames: list[list[np.ndarray]], calls: int
     """A worker request: ``calls`` calls of ``len(frames)`` streams of its own, back to back; the seconds they took."""
     def run(model: DeviceModel) -> float:
         streams = [StreamDiffusion(model.components, config.with_updates(prompt=f"style {s}", seed=s),
-                                   runner=model.runner) for s in range(len(frames))]
+                                   runner=model.runner, prompts=model.prompts) for s in range(len(frames))]
         try:
             started = time.perf_counter()
             for k in range(calls):

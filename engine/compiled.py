@@ -35,6 +35,7 @@ class CompiledVae(torch.nn.Module):
         super().__init__()
         self.vae = vae
         self.config = vae.config
+        self.dtype = getattr(vae, "dtype", None)
         self.encode = batch_dynamic(torch.compile(vae.encode))
         self.decode = batch_dynamic(torch.compile(vae.decode))
 

@@ -33,6 +33,8 @@ class Components:
             )
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
+        if self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(dtype=torch.float32)  # SD's KL VAE overflows in fp16: it asks to run in fp32
 
     @property
     def prediction_type(self) -> str:

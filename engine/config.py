@@ -31,6 +31,10 @@ MAX_FRAME_BUFFER = 16
 MAX_GUIDANCE = 30.0
 MAX_DELTA = 10.0
 MAX_SKIP_FRAMES = 1000
+#: CLIP reads 77 tokens; past a few hundred words a prompt only costs encoding time
+MAX_PROMPT_CHARS = 2000
+#: prompts in one blend: each is a text-encoder pass
+MAX_BLEND_PROMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,12 @@ def validate(config: StreamConfig) -> None:
     _check_int_range("seed", config.seed, 0, MAX_SEED)
     _check_float_range("similarity_threshold", config.similarity_threshold, 0.0, 1.0)
     _check_int_range("max_skip_frames", config.max_skip_frames, 0, MAX_SKIP_FRAMES)
+    for name in ("similarity_filter", "do_add_noise"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name}={_brief(getattr(config, name))} must be true or false")
     if not isinstance(config.negative_prompt, str):
         raise ValueError(f"negative_prompt must be a string, got {type(config.negative_prompt).__name__}")
+    _check_text("negative_prompt", config.negative_prompt)
 
 
 def updated_config(config: StreamConfig, changes: dict[str, Any]) -> StreamConfig:
@@ -156,9 +164,9 @@ def _as_indices(value: Any) -> tuple[int, ...]:
     try:
         items = tuple(value)
     except TypeError:
-        raise ValueError(f"t_index_list={value!r} must be a list of integers, e.g. (32, 45)") from None
+        raise ValueError(f"t_index_list={_brief(value)} must be a list of integers, e.g. (32, 45)") from None
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
-        raise ValueError(f"t_index_list={value!r} must hold integers only, e.g. (32, 45)")
+        raise ValueError(f"t_index_list={_brief(value)} must hold integers only, e.g. (32, 45)")
     return tuple(int(i) for i in items)
 
 
@@ -170,19 +178,50 @@ def _finite(value: Any) -> bool:
 
 
 def _normalize_prompt(prompt: Any) -> Prompt:
-    """A string stays; a sequence of ``(prompt, weight)`` pairs becomes a checked tuple."""
+    """A string stays; a list or tuple of ``(prompt, weight)`` pairs becomes a checked tuple."""
     if isinstance(prompt, str):
+        _check_text("prompt", prompt)
         return prompt
+    shape_error = ValueError(f"prompt={_brief(prompt)} must be a string or a list of [prompt, weight] pairs")
+    if not isinstance(prompt, (list, tuple)):
+        raise shape_error
+    if not prompt:
+        raise ValueError("prompt=[] must be a string or a non-empty list of [prompt, weight] pairs")
+    if len(prompt) > MAX_BLEND_PROMPTS:
+        raise ValueError(f"a prompt blend of {len(prompt)} prompts is too large; at most {MAX_BLEND_PROMPTS}")
+    if any(not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str)
+           or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) for pair in prompt):
+        raise shape_error
     try:
         pairs = tuple((text, float(weight)) for text, weight in prompt)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"prompt={prompt!r} must be a string or a list of (prompt, weight) pairs") from None
-    if not pairs or any(not isinstance(text, str) for text, _ in pairs):
-        raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of (str, weight) pairs")
+    except OverflowError:
+        raise shape_error from None
+    for text, _ in pairs:
+        _check_text("prompt", text)
     weights = [w for _, w in pairs]
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"prompt weights {weights} must be finite, >= 0, and not all 0")
     return pairs
+
+
+def _check_text(name: str, text: str) -> None:
+    """Text the tokenizer can take: valid Unicode (no lone surrogates), of a length CLIP can use."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} "
+                         "(the text encoder reads only its first 77 tokens)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut short: error messages must not echo unbounded input."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit
+        return f"an integer of about {value.bit_length() * 3 // 10} digits"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _check_t_index_list(indices: Sequence[int], num_inference_steps: int) -> None:
@@ -191,30 +230,30 @@ def _check_t_index_list(indices: Sequence[int], num_inference_steps: int) -> Non
     bad = [i for i in indices if not 0 <= i < num_inference_steps]
     if bad:
         raise ValueError(
-            f"t_index_list={tuple(indices)} has {bad} outside [0, {num_inference_steps - 1}] "
+            f"t_index_list={_brief(tuple(indices))} has {_brief(bad)} outside [0, {num_inference_steps - 1}] "
             f"(num_inference_steps={num_inference_steps})"
         )
     if any(b <= a for a, b in zip(indices, indices[1:])):
-        raise ValueError(f"t_index_list={tuple(indices)} must be strictly increasing (noisy to clean)")
+        raise ValueError(f"t_index_list={_brief(tuple(indices))} must be strictly increasing (noisy to clean)")
 
 
 def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high}]")
+        raise ValueError(f"{name}={_brief(value)} must be an integer in [{low}, {high}]")
     if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range; allowed: [{low}, {high}]")
+        raise ValueError(f"{name}={_brief(value)} is out of range; allowed: [{low}, {high}]")
 
 
 def _check_float_range(name: str, value: Any, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number in [{low}, {high}]")
+        raise ValueError(f"{name}={_brief(value)} must be a finite number in [{low}, {high}]")
     if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range; allowed: [{low}, {high}]")
+        raise ValueError(f"{name}={_brief(value)} is out of range; allowed: [{low}, {high}]")
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+        raise ValueError(f"{name}={_brief(value)} is not one of {list(allowed)}")
 
 
 __all__ = [

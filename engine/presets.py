@@ -69,21 +69,21 @@ def build_preset(name: str, *, vae: str = "tiny", device: str | torch.device = "
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     spec = PRESETS[name]
     tokenizer = load_tiny_tokenizer()
-    components = Components(
+    unet = _seeded(lambda: amplify_prompt(_unet(spec)), 1)
+    autoencoder = _seeded(lambda: calibrate_vae(_vae(spec, vae, name)), 2)
+    text_encoder = _seeded(lambda: _text_encoder(spec, tokenizer), 3)
+    for module in (unet, autoencoder, text_encoder):
+        module.to(device=device, dtype=dtype)
+    return Components(  # after the casts: it keeps a VAE that asks for fp32 (force_upcast) in fp32
         name=name,
-        unet=_seeded(lambda: amplify_prompt(_unet(spec)), 1),
-        vae=_seeded(lambda: calibrate_vae(_vae(spec, vae, name)), 2),
-        text_encoder=_seeded(lambda: _text_encoder(spec, tokenizer), 3),
+        unet=unet,
+        vae=autoencoder,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
         device=torch.device(device),
         dtype=dtype,
     )
-    for module in (components.unet, components.vae, components.text_encoder):
-        module.to(device=device)
-        if dtype != torch.float32:
-            module.to(dtype=dtype)
-    return components
 
 
 def load_tiny_tokenizer() -> CLIPTokenizer:

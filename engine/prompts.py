@@ -12,38 +12,49 @@ WeightedPrompts = Sequence[tuple[str, float]]
 
 
 class PromptEncoder:
-    """Encodes prompts to CLIP hidden states ``(1, 77, D)``, remembering recent ones."""
+    """Encodes prompts to CLIP hidden states ``(1, 77, D)``, remembering recent ones.
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, cache_size: int = 32) -> None:
+    The runtime shares one per device among all its streams (on the device's worker), so a
+    prompt many users pick, or a preset, is encoded once.
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, cache_size: int = 256) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
 
     def encode(self, prompt: str) -> torch.Tensor:
-        if prompt in self._cache:
+        return self.encode_all([prompt])[0]
+
+    def encode_all(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Each prompt's hidden states; those not cached go through the text encoder in one batch."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            for prompt, embedding in zip(missing, self._encode_uncached(missing)):
+                self._cache[prompt] = embedding
+        found = []
+        for prompt in prompts:
             self._cache.move_to_end(prompt)
-            return self._cache[prompt]
-        embedding = self._encode_uncached(prompt)
-        self._cache[prompt] = embedding
-        if len(self._cache) > self._cache_size:
+            found.append(self._cache[prompt])
+        while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return embedding
+        return found
 
     def encode_weighted(self, prompts: str | WeightedPrompts) -> torch.Tensor:
         """One prompt, or a blend of ``(prompt, weight)`` pairs (see :func:`blend_embeddings`)."""
         if isinstance(prompts, str):
             return self.encode(prompts)
         pairs = list(prompts)
-        return blend_embeddings([self.encode(p) for p, _ in pairs], [float(w) for _, w in pairs])
+        return blend_embeddings(self.encode_all([p for p, _ in pairs]), [float(w) for _, w in pairs])
 
     @torch.inference_mode()
-    def _encode_uncached(self, prompt: str) -> torch.Tensor:
+    def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        return list(self.text_encoder(ids)[0].split(1))
 
 
 def blend_embeddings(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

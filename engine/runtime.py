@@ -31,6 +31,7 @@ from engine.config import StreamConfig, updated_config
 from engine.graphs import prepared_runner
 from engine.metrics import EngineMetrics, engine_snapshot, prometheus_text
 from engine.models import ModelSpec, load_components
+from engine.prompts import PromptEncoder
 from engine.session import EngineBusyError, Session
 from engine.slots import StreamSlots
 from engine.step import step_models
@@ -184,7 +185,7 @@ class Engine:
         runner = prepared_runner(step_models(components, unet), slots, self.config.sessions_per_call,
                                  graphs=self.config.graphs_on(components.device), compiled=backend == "compile",
                                  progress=self._progress)
-        return DeviceModel(components, runner, backend)
+        return DeviceModel(components, runner, backend, PromptEncoder(components.tokenizer, components.text_encoder))
 
     async def open_session(self, **params: Any) -> Session:
         """A new session with ``params`` (any non-shape stream parameter, or ``strength``).
@@ -294,7 +295,8 @@ class Engine:
 def _open_stream(worker: Worker, config: StreamConfig) -> StreamDiffusion:
     """On the worker: a stream in a free slot of the worker's runner."""
     assert worker.model is not None
-    return StreamDiffusion(worker.model.components, config, runner=worker.model.runner)
+    model = worker.model
+    return StreamDiffusion(model.components, config, runner=model.runner, prompts=model.prompts)
 
 
 async def _on_worker(worker: Worker, request: Callable[[], StreamDiffusion]) -> StreamDiffusion:

@@ -29,11 +29,25 @@ from engine.slots import MATH_DTYPE, StreamShape, StreamSlots
 from engine.step import layout, step_models
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or inf for this stream's frame.
+
+    ``advanced``: the stream took the frame in all the same (only the picture was lost);
+    otherwise its state was lost and it was reset. ``output_due``: a frame left the pipeline
+    on this call, and this error stands for it.
+    """
+
+    def __init__(self, message: str, *, advanced: bool = False, output_due: bool = False) -> None:
+        super().__init__(message)
+        self.advanced, self.output_due = advanced, output_due
+
+
 class StreamDiffusion:
-    """One live stream. ``slots``/``runner``: shared ones (the runtime's); by default its own."""
+    """One live stream. ``runner`` (its slots) and ``prompts``: shared ones (the runtime's); by default its own."""
 
     def __init__(self, components: Components, config: StreamConfig = StreamConfig(),
-                 unet: UNetFn | None = None, *, runner: CallRunner | None = None) -> None:
+                 unet: UNetFn | None = None, *, runner: CallRunner | None = None,
+                 prompts: PromptEncoder | None = None) -> None:
         self.components = components
         self.config = config
         self.device = components.device
@@ -45,7 +59,7 @@ class StreamDiffusion:
             raise ValueError(f"this stream ({config.mode}, {StreamShape.of(config)}) does not fit its runner "
                              f"({'img2img' if runner.encode else 'txt2img'}, {runner.slots.shape})")
         self.runner, self.slots = runner, runner.slots
-        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder)
+        self.prompts = prompts or PromptEncoder(components.tokenizer, components.text_encoder)
         self.filter = SimilarityFilter(config.similarity_threshold, config.max_skip_frames, config.seed)
         self.calls = 0
         self._last_outputs: list[Frame] | None = None
@@ -131,8 +145,18 @@ class StreamDiffusion:
         return None if self.filter.should_skip(images) else fitted
 
     def accept(self, result: CallResult, position: int, kind: FrameKind) -> list[Frame] | None:
-        """Take this stream's share (at ``position``) of a call that ran: its finished frames, or None while warming up."""
-        if not self.advance():
+        """Take this stream's share (at ``position``) of a call that ran: its finished frames, or None while warming up.
+
+        Raises :class:`NonFiniteOutputError` for NaN/inf: latents (the stream is reset, since its
+        state is lost) or only the decoded picture (the stream goes on).
+        """
+        if not result.latents_finite[position]:
+            self.reset()
+            raise NonFiniteOutputError("the model produced NaN/inf for this frame; the stream was reset")
+        finished = self.advance()
+        if not result.pixels_finite[position]:
+            raise NonFiniteOutputError("the VAE decoded NaN/inf for this frame", advanced=True, output_due=finished)
+        if not finished:
             return None
         self._last_outputs = result.frames(position, self.frames, kind)
         return self._last_outputs

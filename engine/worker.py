@@ -27,6 +27,7 @@ from engine.batch import FrameJob, run_jobs
 from engine.components import Components
 from engine.graphs import CallRunner
 from engine.metrics import EngineMetrics
+from engine.prompts import PromptEncoder
 from engine.session import PendingFrame, Session
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """What a worker serves with, made on its own thread: the components, the backend, the call runner."""
+    """What a worker serves with, made on its own thread: the components, the backend, the call runner,
+    and the prompt encoder (and its cache) that every stream on the device shares."""
 
     components: Components
     runner: CallRunner
     backend: str
+    prompts: PromptEncoder
 
 
 Request = tuple[Callable[[], Any], Future]
