@@ -96,18 +96,25 @@ def _predict(models: StepModels, shape: StreamShape, state: Gathered, x: torch.T
 
 
 def _guide(eps: torch.Tensor, state: Gathered, shape: StreamShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual CFG: the guided ``ε̂`` for the ``n·f`` rows, and the stock noise it used."""
+    """Residual CFG: the guided ``ε̂`` for the ``n·f`` rows, and the stock noise it used.
+
+    Guidance applies where ``guidance_scale > 1``, as in StreamDiffusion and diffusers; at or
+    below 1 a stream gets the conditional prediction alone (in ``self`` mode the formula would
+    otherwise pull ``ε̂`` towards the noise that was added, and echo the camera as ``g → 0``).
+    Per stream, so the graph is the same whatever each stream's setting.
+    """
     cfg, f, stock = shape.cfg_type, shape.frames, state.stock
     if cfg == "none":
         return eps, stock
+    guided = state.guidance > 1.0
     if cfg == "full":
         eps_uncond, eps_cond = eps.chunk(2, dim=1)
     else:
         if cfg == "initialize":  # the real negative pass on the new frames refreshes their stock noise
-            stock = torch.cat([eps[:, :f], stock[:, f:]], 1)
+            stock = torch.where(guided, torch.cat([eps[:, :f], stock[:, f:]], 1), stock)
             eps = eps[:, f:]
         eps_cond, eps_uncond = eps, state.delta * stock
-    return eps_uncond + state.guidance * (eps_cond - eps_uncond), stock
+    return torch.where(guided, eps_uncond + state.guidance * (eps_cond - eps_uncond), eps_cond), stock
 
 
 def _next_stock(eps: torch.Tensor, stock: torch.Tensor, state: Gathered, f: int) -> torch.Tensor:

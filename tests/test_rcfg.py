@@ -46,6 +46,37 @@ def test_guidance_one_equals_no_guidance(tiny, cfg_type: str) -> None:
                 torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("cfg_type", ["full", "self", "initialize"])
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_guidance_below_one_turns_guidance_off_as_in_streamdiffusion(tiny, cfg_type: str, guidance: float) -> None:
+    """StreamDiffusion and diffusers guide only when guidance > 1. Applying the formula below 1 would, in
+    ``self`` mode, pull the prediction towards the very noise that was added: at 0 the camera comes back."""
+    low, plain = make_stream(tiny, cfg_type, n=2, guidance=guidance), make_stream(tiny, "none", n=2)
+    for call in range(3):
+        out_low, out_plain = low(frame(call)), plain(frame(call))
+        if out_plain is not None:
+            torch.testing.assert_close(out_low, out_plain, atol=ATOL, rtol=0)
+
+
+def test_one_step_self_cfg_uses_the_noise_added_to_this_frame_not_the_last_frames_residual(tiny) -> None:
+    """A documented departure from StreamDiffusion's code, which starts the stock noise at zero and rolls the
+    finished frame's residual into the next frame's slot. The residual of a new frame is known exactly: it is
+    the noise just added to it (x = α·z + β·ε₀), which is what RCFG's self-negative estimates; so every new
+    frame enters with ε₀ (hand-computed here from diffusers' scheduler, not the engine's code)."""
+    spy = SpyUNet(tiny.unet)
+    stream = make_stream(tiny, "self", n=1, guidance=1.8, delta=0.7, unet=spy)
+    noise = stream_noise(3, 1, 1, 4, SIZE, SIZE)
+    alpha, beta, c_skip, c_out = coefficients(tiny, (30,), 1)
+    for call in range(3):
+        out = stream(frame(call))
+        sample, _, _, eps_cond = spy.calls[-1]
+        eps = 0.7 * noise + 1.8 * (eps_cond - 0.7 * noise)
+        x0 = c_out * (sample - beta * eps) / alpha + c_skip * sample
+        decoded = tiny.vae.decode(x0 / tiny.vae.config.scaling_factor).sample
+        torch.testing.assert_close(out, ((decoded[0] + 1) / 2).clamp(0, 1), atol=ATOL, rtol=0)
+        torch.testing.assert_close(stream.stock_noise, noise, atol=0, rtol=0)
+
+
 class SpyUNet:
     """Wraps the real UNet and records each call's inputs and outputs."""
 
