@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StartupError, ModelUnavailableError) as error:
         print(f"diffcam: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C while loading or compiling: the workers are daemon threads
+        print("stopped", file=sys.stderr)
+        return 130
     print(describe(engine, config, args))
     from app.serve import serve
 

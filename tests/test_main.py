@@ -91,3 +91,14 @@ def test_the_entry_script_serves_the_page_and_stops_cleanly() -> None:
             output, _ = process.communicate()
     assert process.returncode == 0, output
     assert "random weights" in output and f"open http://127.0.0.1:{port}" in output
+
+
+def test_ctrl_c_while_the_model_loads_stops_without_a_traceback(monkeypatch, capsys) -> None:
+    from engine.runtime import Engine
+
+    def interrupted(self, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "load", interrupted)
+    assert app_main.main(["--model", "tiny", "--no-ui"]) == 130
+    assert capsys.readouterr().err.strip().endswith("stopped")
