@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve without the Gradio page: signalling (/offer), WHIP/WHEP, /healthz and /metrics "
                              "only (headless and OBS use)")
     server.add_argument("--auth", default=None, metavar="USER:PASS", help="protect the page and /offer")
+    server.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="a web origin (https://host[:port]) whose pages may call /whip and /whep; "
+                             "repeat for more, * for any (default: none)")
     server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
     server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")
     return parser
@@ -87,10 +90,12 @@ def check_server_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--bitrate {args.bitrate} kbit/s is out of range; allowed: [100, 50000]")
     if args.share and args.no_ui:
         raise ValueError("--share opens a link to the Gradio page, which --no-ui turns off; use one or the other")
-    if args.auth is not None:
-        from app.server import parse_auth
+    from app.server import check_origin, parse_auth
 
+    if args.auth is not None:
         parse_auth(args.auth)
+    for origin in args.cors_origin or ():
+        check_origin(origin)
 
 
 def backend_name(args: argparse.Namespace) -> str:

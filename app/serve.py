@@ -14,7 +14,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from app.server import add_headless_index, create_app, parse_auth
+from app.server import Exposure, add_headless_index, binds_every_interface, create_app, parse_auth
 from app.webrtc import PeerManager, VideoOptions
 from engine.backends import UNetFn
 from engine.components import Components
@@ -42,10 +42,13 @@ def build_app(components: Components, config: StreamConfig, *, max_sessions: int
 
 def engine_app(engine: Engine, *, auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
                random_weights: bool = False, input_timeout: float = 5.0, ui: bool = True,
-               start_engine: bool = True) -> FastAPI:
-    """The application around ``engine`` (its lifespan starts and stops the engine unless ``start_engine`` is off)."""
+               start_engine: bool = True, exposure: Exposure = Exposure()) -> FastAPI:
+    """The application around ``engine`` (its lifespan starts and stops the engine unless ``start_engine`` is off).
+
+    ``exposure``: the ``Host`` names it answers to and the origins allowed cross-origin (default: loopback only).
+    """
     peers = PeerManager(engine, video, input_timeout)
-    app = create_app(engine, peers, auth=auth, start_engine=start_engine)
+    app = create_app(engine, peers, auth=auth, exposure=exposure, start_engine=start_engine)
     if ui:
         from app.ui import mount_ui  # imported here: Gradio is heavy and absent on headless machines
 
@@ -86,16 +89,18 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     """Serve ``engine`` (loaded: see :meth:`Engine.load`) until Ctrl+C; the exit code (2 when it cannot listen or share)."""
     auth = parse_auth(args.auth) if args.auth else None
     ui = not args.no_ui
-    app = engine_app(engine, auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
-                     random_weights=args.model in PRESETS, ui=ui)
     host = "127.0.0.1" if args.host == "localhost" else args.host
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    everywhere = binds_every_interface(host)  # "", 0, ::0 as well as 0.0.0.0 and ::
+    exposure = Exposure.bound_to(host, args.cors_origin or (), public=args.share)
+    app = engine_app(engine, auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
+                     random_weights=args.model in PRESETS, ui=ui, exposure=exposure)
+    shown = "127.0.0.1" if everywhere else host
     print(where_to_go(f"http://{shown}:{args.port}", ui), flush=True)
-    if host in ("0.0.0.0", "::"):
+    if everywhere:
         print("  listening on every network interface: anyone who can reach this machine can use the camera"
               + (" page" if ui else "") + ("" if auth else " (consider --auth USER:PASS)"), file=sys.stderr)
     if args.share:
-        link = open_share_link(host, args.port)
+        link = open_share_link(shown, args.port)
         if link is None:
             return 2
         print(f"public link: {link}" + ("" if auth else "  (anyone with the link can use it: consider --auth)"))

@@ -1,38 +1,103 @@
 """The HTTP server: one FastAPI app with ``POST /offer``, ``GET /healthz``, ``GET /metrics``, the UI at ``/``
 (or, without the UI, a note at ``/`` listing the endpoints).
 
-``/offer`` takes ``{"sdp", "type"}`` (aiortc's convention) and answers with the same plus the
-session id. Bad offers get a 400 with a reason, a full engine a 503; nothing a client sends
-can make it answer 500 or stop serving others.
+``/offer`` takes ``{"sdp", "type"}`` (aiortc's convention, as ``application/json``) and answers
+with the same plus the session id. Bad offers get a 400 with a reason, a body over the limit a
+413 (read no further), a full engine a 503; nothing a client sends can make it answer 500 or
+stop serving others. Only the names the server listens on are answered to (``Host``), which
+keeps pages on other sites from reaching a server on 127.0.0.1 through DNS rebinding.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
 from app.webrtc import OfferError, PeerManager
-from app.whip import WhipHub, add_whip_routes
+from app.whip import WhipHub, add_whip_routes, is_whip_path
 from engine.runtime import Engine
 from engine.session import EngineBusyError
 
 log = logging.getLogger(__name__)
 
+#: the JSON body of ``/offer``: an SDP of up to ``MAX_SDP_BYTES``, escaped
 MAX_OFFER_BYTES = 200_000
+#: what a server on loopback answers to, as ``Host`` writes them; any other name is a DNS-rebinding page
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def binds_every_interface(host: str) -> bool:
+    """Whether listening on ``host`` listens on every interface: 0.0.0.0 and ::, and their other
+    spellings that the socket layer takes as well (``""``, ``0``, ``::0``, ``0.0.0``)."""
+    host = host.strip().strip("[]")
+    if not host:
+        return True
+    try:
+        addresses = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):  # a name, not an address: it is not every interface
+        return False
+    return any(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_unspecified for info in addresses)
+
+
+def check_origin(origin: str) -> str:
+    """``--cors-origin``: ``*`` or a web origin ``scheme://host[:port]``, lower-cased as browsers send it."""
+    parts = urlsplit(origin)
+    try:
+        valid = origin == "*" or (parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.path
+                                  and not parts.query and not parts.fragment and "@" not in parts.netloc
+                                  and (parts.port is None or parts.port > 0))
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        raise ValueError(f"--cors-origin {origin!r} is not a web origin; allowed: http(s)://host[:port] "
+                         "with no path (as a browser sends it in Origin), or * for any site")
+    return origin.lower()
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """Who may reach the server: the ``Host`` names it answers to (None: any) and the web origins
+    whose pages may call WHIP and WHEP (none by default; ``*`` for any)."""
+
+    hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(check_origin(o) for o in self.cors_origins))
+
+    @classmethod
+    def bound_to(cls, host: str, cors_origins: Iterable[str] = (), *, public: bool = False) -> Exposure:
+        """The exposure of a server listening on ``host``; ``public`` (a share link) answers to any name."""
+        if public or binds_every_interface(host):  # reached by whatever name the network gives it
+            return cls(hosts=None, cors_origins=tuple(cors_origins))
+        name = host.strip().lower()
+        if ":" in name and not name.startswith("["):  # an IPv6 literal, as Host writes one
+            name = f"[{name}]"
+        return cls(hosts=tuple(dict.fromkeys(LOOPBACK_HOSTS + (name,))), cors_origins=tuple(cors_origins))
 
 
 def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | None = None,
-               start_engine: bool = True) -> FastAPI:
-    """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine."""
+               exposure: Exposure = Exposure(), start_engine: bool = True) -> FastAPI:
+    """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine.
+
+    ``exposure``: the ``Host`` names answered to and the origins allowed cross-origin (default:
+    loopback names only, no other site).
+    """
     hub = WhipHub(peers)
 
     @asynccontextmanager
@@ -53,16 +118,25 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
 
     @app.post("/offer")
     async def offer(request: Request) -> Response:
+        if _media_type(request) != "application/json":  # a page on another site can post text/plain, not JSON
+            return JSONResponse({"error": "unsupported media type",
+                                 "detail": 'the body must be JSON, sent as Content-Type: application/json'},
+                                status_code=415)
         try:
             body = await _json_body(request)
+            if isinstance(body.get("sdp"), str):
+                check_sdp_shape(body["sdp"])
             answer, peer = await peers.answer(body.get("sdp"), body.get("type"))
+        except BodyTooLarge as error:  # and close: the rest of the body is never read
+            return JSONResponse({"error": "too large", "detail": str(error)}, status_code=413,
+                                headers={"Connection": "close"})
         except EngineBusyError as error:
             return JSONResponse({"error": "server busy", "detail": str(error)}, status_code=503)
         except OfferError as error:
             return JSONResponse({"error": "bad offer", "detail": str(error)}, status_code=400)
         return JSONResponse({"sdp": answer.sdp, "type": answer.type, "session": peer.session.id})
 
-    add_whip_routes(app, hub)
+    add_whip_routes(app, hub, exposure.cors_origins)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -72,6 +146,8 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
     async def metrics() -> Response:
         return Response(engine.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
+    if exposure.hosts is not None:  # added last, so it runs first: before auth and every route
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(exposure.hosts), www_redirect=False)
     return app
 
 
@@ -94,13 +170,15 @@ def add_headless_index(app: FastAPI) -> None:
                 "endpoints": ENDPOINTS}
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_OFFER_BYTES:
-        raise OfferError(f"the request body is larger than {MAX_OFFER_BYTES} bytes")
+    raw = await read_body(request, MAX_OFFER_BYTES)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON or UTF-8, an integer past 4,300 digits, nesting past the stack
         raise OfferError('the body must be JSON: {"sdp": "...", "type": "offer"}') from None
     if not isinstance(body, dict):
         raise OfferError('the body must be a JSON object: {"sdp": "...", "type": "offer"}')
@@ -111,23 +189,23 @@ class BasicAuth:
     """HTTP Basic auth in front of everything but ``/healthz`` (the UI, ``/offer``, ``/metrics``).
 
     WHIP and WHEP clients (OBS among them) only send bearer tokens: on ``/whip`` and ``/whep``
-    ``Authorization: Bearer <password>`` is accepted too.
+    ``Authorization: Bearer <password>`` is accepted too. Schemes are case-insensitive (RFC 9110);
+    credentials are compared as UTF-8 bytes, so a password need not be ASCII.
     """
 
     def __init__(self, app: ASGIApp, credentials: tuple[str, str]) -> None:
         self.app = app
-        self.expected = _basic_token(*credentials)
-        self.bearer = f"Bearer {credentials[1]}"
+        self.tokens = {"basic": _basic_token(*credentials), "bearer": credentials[1].encode()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
             return await self.app(scope, receive, send)
-        whip = _is_whip(scope.get("path", ""))
+        whip = is_whip_path(scope.get("path", ""))
         if whip and scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
-        accepted = [self.expected] + ([self.bearer] if whip else [])
-        if any(secrets.compare_digest(header.encode(), token.encode()) for token in accepted):
+        scheme, token = _authorization(scope)
+        accepted = ("basic", "bearer") if whip else ("basic",)
+        if scheme in accepted and secrets.compare_digest(token, self.tokens[scheme]):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
@@ -137,8 +215,11 @@ class BasicAuth:
         await response(scope, receive, send)
 
 
-def _is_whip(path: str) -> bool:
-    return path == "/whip" or path.startswith(("/whip/", "/whep/"))
+def _authorization(scope: Scope) -> tuple[str, bytes]:
+    """``Authorization``'s scheme, lower-cased, and its credentials as sent (bytes)."""
+    header = dict(scope.get("headers", [])).get(b"authorization", b"")
+    scheme, _, token = header.strip().partition(b" ")
+    return scheme.decode("latin-1").lower(), token.strip()
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -149,8 +230,9 @@ def parse_auth(text: str) -> tuple[str, str]:
     return user, password
 
 
-def _basic_token(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+def _basic_token(user: str, password: str) -> bytes:
+    return base64.b64encode(f"{user}:{password}".encode())
 
 
-__all__ = ["BasicAuth", "add_headless_index", "create_app", "parse_auth"]
+__all__ = ["BasicAuth", "Exposure", "add_headless_index", "binds_every_interface", "check_origin", "create_app",
+           "parse_auth"]

@@ -6,6 +6,12 @@ otherwise fall further and further behind); a feeder task submits each newest fr
 peer's engine session; :class:`StylizedTrack` hands the session's outputs back to aiortc with
 the input's pts. A ``control`` data channel carries parameter updates in (JSON) and live
 stats out. Closing the peer, ICE failing or the tab going away frees everything.
+
+What a peer may hold is bounded: every incoming track is read (or refused in the answer); a
+watchdog closes a peer whose session closed, that has not connected in ``connect_timeout`` or
+whose camera sent nothing for ``input_timeout`` (a peer with no camera at all included); only
+its first data channel is a control channel; control messages are size- and rate-limited, and
+each gets a short reply.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import contextlib
 import fractions
 import json
 import logging
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import av
@@ -26,7 +34,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from engine.runtime import Engine
-from engine.session import FrameError, Session, SessionClosedError
+from engine.session import EngineBusyError, FrameError, Session, SessionClosedError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,14 @@ VIDEO_CLOCK = fractions.Fraction(1, 90000)
 STATS_PERIOD = 1.0
 MAX_SDP_BYTES = 100_000
 FIRST_FRAME_TIMEOUT = 20.0
+#: seconds a peer may take to reach "connected" (Chromium never sends a=end-of-candidates to end it sooner)
+CONNECT_TIMEOUT = 15.0
+WATCH_PERIOD = 0.25  # how often a peer's watchdog looks at its session, connection and camera
+MAX_CONTROL_CHARS = 16_384  # a control message is a few parameters; prompts are bounded far below this
+ECHO_CHARS = 200  # an "applied" reply echoes each value up to this long
+ERROR_CHARS = 500  # and an error reply says this much at most
+CONTROL_RATE = 30.0  # control messages per second per peer, on average (a slider drag sends ~60/s briefly)
+CONTROL_BURST = 60  # and at once
 #: What a data-channel message may change; everything else is refused (no paths, no models).
 CONTROL_FIELDS = frozenset({
     "prompt", "negative_prompt", "guidance_scale", "delta", "seed", "strength", "t_index_list",
@@ -57,6 +73,66 @@ class VideoOptions:
         vpx.DEFAULT_BITRATE = h264.DEFAULT_BITRATE = self.bitrate
         vpx.MAX_BITRATE = max(vpx.MAX_BITRATE, self.bitrate)
         h264.MAX_BITRATE = max(h264.MAX_BITRATE, self.bitrate)
+
+
+@dataclass
+class TokenBucket:
+    """At most ``burst`` events at once and ``rate`` per second on average."""
+
+    rate: float
+    burst: float
+    tokens: float = field(init=False)
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self) -> bool:
+        """Spend one token; False (nothing spent) when there is none."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def wait(self) -> float:
+        """Seconds until a token is available."""
+        return max(0.0, (1 - self.tokens) / self.rate - (time.monotonic() - self.stamp))
+
+
+def parse_control(message: Any) -> dict[str, Any]:
+    """A control message's parameters; ``ValueError`` saying what is wrong with it."""
+    if len(message) > MAX_CONTROL_CHARS:
+        raise ValueError(f"a control message may be at most {MAX_CONTROL_CHARS} characters; "
+                         f"this one has {len(message)}")
+    try:
+        params = json.loads(message)
+    except RecursionError:
+        raise ValueError("the control message is nested too deeply; send a flat JSON object") from None
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"a control message must be a JSON object: {error}") from None
+    if not isinstance(params, dict):
+        raise ValueError("a control message is a JSON object of parameters")
+    unknown = sorted(set(params) - CONTROL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown control(s) {unknown}; allowed: {sorted(CONTROL_FIELDS)}")
+    return params
+
+
+def clipped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: a reply never echoes unbounded input."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def echo(params: dict[str, Any]) -> dict[str, Any]:
+    """What an "applied" reply says was applied: short values as sent, long ones cut (as JSON text)."""
+    shown = {}
+    for key, value in params.items():
+        text = json.dumps(value)
+        shown[key] = value if len(text) <= ECHO_CHARS else clipped(text, ECHO_CHARS)
+    return shown
 
 
 class StylizedTrack(MediaStreamTrack):
@@ -85,7 +161,8 @@ class StylizedTrack(MediaStreamTrack):
 class Peer:
     """One browser connection: its peer connection, engine session and the tasks it owns."""
 
-    def __init__(self, pc: RTCPeerConnection, session: Session, on_closed, input_timeout: float = 5.0) -> None:
+    def __init__(self, pc: RTCPeerConnection, session: Session, on_closed, input_timeout: float = 5.0,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.pc = pc
         self.input_timeout = input_timeout
         self.session = session
@@ -95,8 +172,18 @@ class Peer:
         self._on_closed = on_closed
         self._closed = False
         self.errors = 0
+        self.connect_timeout = connect_timeout
+        self._connect_by = self._input_by = math.inf  # set when the offer is answered (start_watchdog)
+        self._connected = False
+        self._controls = TokenBucket(CONTROL_RATE, CONTROL_BURST)
+        self._throttled = False
+        self._deferred: Any = None  # the newest control message that came too fast; applied when the rate allows
+        self._deferred_timer: asyncio.TimerHandle | None = None
 
     def spawn(self, coroutine, name: str) -> None:
+        if self._closed:  # nobody would cancel it
+            coroutine.close()
+            return
         task = asyncio.create_task(coroutine, name=f"{name}-{self.session.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -107,19 +194,46 @@ class Peer:
 
     def attach_camera(self, track: MediaStreamTrack) -> None:
         newest = self._relay.subscribe(track, buffered=False)
+        # the first frame waits for ICE, DTLS and a keyframe too (OBS may send one every few seconds)
+        self._input_by = time.monotonic() + max(self.input_timeout, FIRST_FRAME_TIMEOUT)
         self.spawn(self._feed(newest), "feed")
+
+    def start_watchdog(self) -> None:
+        """From the answer on, close this peer when it outlives its purpose (see :meth:`_expired`)."""
+        now = time.monotonic()
+        self._connect_by = now + self.connect_timeout
+        if not self.has_camera:  # a peer without a camera is closed like one whose camera stopped
+            self._input_by = now + self.input_timeout
+        self.spawn(self._watch(), "watch")
+
+    async def _watch(self) -> None:
+        while (reason := self._expired()) is None:
+            await asyncio.sleep(WATCH_PERIOD)
+        log.info("closing peer of session %s: %s", self.session.id, reason)
+        await self.close()
+
+    def _expired(self) -> str | None:
+        """Why this peer should close now, or None: a camera that stops (tab gone, network lost) or never
+        comes, or a connection that never completes, ends the peer long before ICE gives up."""
+        now = time.monotonic()
+        self._connected = self._connected or self.pc.connectionState == "connected"
+        if self.session.closed:
+            return "its session closed"
+        if not self._connected and now > self._connect_by:
+            return "not connected in time"
+        if now > self._input_by:
+            return "no camera frames in time"
+        return None
 
     async def _feed(self, track: MediaStreamTrack) -> None:
         """Submit every newest camera frame to the engine; it converts to RGB only the frames it takes."""
-        # the first frame waits for ICE, DTLS and a keyframe too (OBS may send one every few seconds)
-        timeout = max(self.input_timeout, FIRST_FRAME_TIMEOUT)
         while True:
-            try:  # a camera that stops (tab gone, network lost) ends the peer long before ICE gives up
-                frame = await asyncio.wait_for(track.recv(), timeout)
-                timeout = self.input_timeout
-            except (MediaStreamError, asyncio.TimeoutError):
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
                 await self.close()
                 return
+            self._input_by = time.monotonic() + self.input_timeout
             pts = int(frame.pts * frame.time_base / VIDEO_CLOCK) if frame.pts is not None else None
             try:
                 self.session.submit(frame, pts=pts)
@@ -132,23 +246,53 @@ class Peer:
         self.spawn(discard_frames(track), "discard")
 
     def attach_channel(self, channel) -> None:
+        """The first data channel carries the controls; any other is closed (each would cost a stats task)."""
+        if self.channel is not None:
+            channel.close()
+            return
         self.channel = channel
         channel.on("message", self._on_message)
         self.spawn(self._send_stats(), "stats")
 
     def _on_message(self, message: Any) -> None:
+        """Apply at most ``CONTROL_RATE`` messages a second; of those that come faster, the newest waits
+        for its turn (a slider drag ends where it stopped) and the others are dropped, with one error."""
+        if self._deferred_timer is not None or not self._controls.take():
+            self._defer(message)
+            return
+        self._throttled = False
+        self._send(self._reply(message))
+
+    def _defer(self, message: Any) -> None:
+        self._deferred = message
+        if not self._throttled:
+            self._throttled = True
+            self._send({"type": "error", "error": f"more than {CONTROL_RATE:g} control messages per second: "
+                                                  "the newest is applied shortly, the others are dropped"})
+        if self._deferred_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._deferred_timer = loop.call_later(self._controls.wait(), self._apply_deferred)
+
+    def _apply_deferred(self) -> None:
+        self._deferred_timer = None
+        message, self._deferred = self._deferred, None
+        if self._controls.take():
+            self._send(self._reply(message))
+        else:
+            self._defer(message)
+
+    def _reply(self, message: Any) -> dict[str, Any]:
+        """Apply one control message; the reply (applied or error) never ends the peer and is always short."""
         try:
-            params = json.loads(message)
-            if not isinstance(params, dict):
-                raise ValueError("a control message is a JSON object of parameters")
-            unknown = sorted(set(params) - CONTROL_FIELDS)
-            if unknown:
-                raise ValueError(f"unknown control(s) {unknown}; allowed: {sorted(CONTROL_FIELDS)}")
+            params = parse_control(message)
+            shown = echo(params)
             self.session.update(**params)
-            reply = {"type": "applied", "params": params}
-        except (ValueError, TypeError) as error:
-            reply = {"type": "error", "error": str(error)}
-        self._send(reply)
+            return {"type": "applied", "params": shown}
+        except (ValueError, TypeError, RecursionError) as error:
+            return {"type": "error", "error": clipped(str(error), ERROR_CHARS)}
+        except Exception as error:  # noqa: BLE001 - errors are data: the peer and its stream go on
+            log.exception("control message failed on session %s", self.session.id)
+            return {"type": "error", "error": clipped(f"{type(error).__name__}: {error}", ERROR_CHARS)}
 
     async def _send_stats(self) -> None:
         while True:
@@ -166,6 +310,8 @@ class Peer:
             return
         self._closed = True
         self.session.close()
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
         try:
             current = asyncio.current_task()
             tasks = [t for t in self._tasks if t is not current]
@@ -182,23 +328,37 @@ class Peer:
 class PeerManager:
     """Answers offers and owns every live peer; ``close()`` ends them all."""
 
-    def __init__(self, engine: Engine, video: VideoOptions = VideoOptions(), input_timeout: float = 5.0) -> None:
+    def __init__(self, engine: Engine, video: VideoOptions = VideoOptions(), input_timeout: float = 5.0,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.engine = engine
         self.video = video
         self.input_timeout = input_timeout
+        self.connect_timeout = connect_timeout
         self.peers: set[Peer] = set()
+        self._opening = 0
         video.apply()
 
     async def open_peer(self, on_closed: Callable[[Peer], None] | None = None) -> Peer:
-        """A new peer with its own engine session; raises ``EngineBusyError`` at capacity."""
-        session = await self.engine.open_session()
+        """A new peer with its own engine session; raises ``EngineBusyError`` at capacity.
+
+        Capacity counts peers (closing ones included), not only sessions: a peer outlives its session
+        until its watchdog closes it, and must hold its slot until then."""
+        limit = self.engine.config.max_sessions
+        if len(self.peers) + self._opening >= limit:
+            self.engine.metrics.sessions_rejected += 1
+            raise EngineBusyError(f"all {limit} sessions are in use; try again later")
+        self._opening += 1
+        try:
+            session = await self.engine.open_session()
+        finally:
+            self._opening -= 1
 
         def closed(peer: Peer) -> None:
             self.peers.discard(peer)
             if on_closed is not None:
                 on_closed(peer)
 
-        peer = Peer(RTCPeerConnection(), session, closed, self.input_timeout)
+        peer = Peer(RTCPeerConnection(), session, closed, self.input_timeout, self.connect_timeout)
         self.peers.add(peer)
         return peer
 
@@ -214,6 +374,7 @@ class PeerManager:
         the stylized video goes back on the same connection. A failure closes the peer."""
         try:
             await self._negotiate(peer, sdp, send_back)
+            peer.start_watchdog()
         except BaseException as error:  # cancelled too: the session must not outlive a half-made peer
             await asyncio.shield(peer.close())
             if isinstance(error, OfferError) or not isinstance(error, Exception):

@@ -16,13 +16,17 @@ import asyncio
 import contextlib
 import secrets
 from dataclasses import dataclass, field
+from typing import Collection
 
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
 from app.webrtc import MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
 from engine.session import EngineBusyError
 
@@ -46,6 +50,8 @@ class Published:
     relay: MediaRelay = field(default_factory=MediaRelay)
     viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
     drain: asyncio.Task | None = None
+    #: per viewer, when it is dropped unless connected by then
+    deadlines: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 class FrameCopies(MediaStreamTrack):
@@ -113,6 +119,7 @@ class WhipHub:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             pc.addTrack(FrameCopies(published.relay.subscribe(published.output, buffered=False)))
+            self._send_only(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         except BaseException as error:
             await asyncio.shield(self._drop_viewer(published, viewer_id))
@@ -125,10 +132,35 @@ class WhipHub:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
+            if pc.connectionState == "connected":
+                self._cancel_deadline(published, viewer_id)
             if pc.connectionState in ("failed", "closed"):
                 await self._drop_viewer(published, viewer_id)
 
+        pc.on("datachannel", lambda channel: channel.close())  # a player has nothing to control
+        published.deadlines[viewer_id] = asyncio.get_running_loop().call_later(
+            self.peers.connect_timeout, self._drop_unconnected, published, viewer_id)
         return viewer_id, pc.localDescription.sdp
+
+    @staticmethod
+    def _send_only(pc: RTCPeerConnection) -> None:
+        """Answer a player send-only: what it offers to send is refused, so aiortc never starts a receiver
+        that would decode it into a queue nobody reads."""
+        for transceiver in pc.getTransceivers():
+            transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
+
+    def _drop_unconnected(self, published: Published, viewer_id: str) -> None:
+        """A player that has not connected in time gives its slot back (ICE may never finish, or fail)."""
+        published.deadlines.pop(viewer_id, None)
+        pc = published.viewers.get(viewer_id)
+        if pc is not None and pc.connectionState != "connected":
+            self._spawn(self._drop_viewer(published, viewer_id))
+
+    @staticmethod
+    def _cancel_deadline(published: Published, viewer_id: str) -> None:
+        deadline = published.deadlines.pop(viewer_id, None)
+        if deadline is not None:
+            deadline.cancel()
 
     async def stop_watching(self, stream_id: str, viewer_id: str) -> None:
         if not await self._drop_viewer(self._stream(stream_id), viewer_id):
@@ -136,6 +168,7 @@ class WhipHub:
 
     async def _drop_viewer(self, published: Published, viewer_id: str) -> bool:
         """Close one player; False when it was gone already (closing twice is no error)."""
+        self._cancel_deadline(published, viewer_id)
         pc = published.viewers.pop(viewer_id, None)
         if pc is None:
             return False
@@ -166,22 +199,68 @@ class WhipHub:
         if published.drain is not None:
             published.drain.cancel()  # the relay's own reader ends with the output track below
         published.output.stop()
+        for deadline in published.deadlines.values():
+            deadline.cancel()
         for pc in published.viewers.values():
             self._spawn(pc.close())
 
 
 SDP = "application/sdp"
-#: WHIP/WHEP clients may be web pages on other origins; credentials are bearer tokens, not cookies
+#: What a WHIP/WHEP page on another origin may do; none may unless :class:`AllowOrigins` names its
+#: origin (``--cors-origin``), since only that adds ``Access-Control-Allow-Origin``.
 CORS = {
-    "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
     "Access-Control-Expose-Headers": "Location, Link",
 }
 
 
-def add_whip_routes(app: FastAPI, hub: WhipHub) -> None:
-    """``/whip`` and ``/whep``: SDP in, SDP out, resources by ``Location`` (RFC 9725 and WHEP)."""
+def is_whip_path(path: str) -> bool:
+    return path == "/whip" or path.startswith(("/whip/", "/whep/"))
+
+
+class AllowOrigins:
+    """Cross-origin access to WHIP and WHEP for pages from ``origins`` only (``*``: any site).
+
+    Browser players may live on other origins; credentials are bearer tokens, not cookies, so
+    no ``Allow-Credentials``. Every other path, and every other origin, gets no CORS grant.
+    """
+
+    def __init__(self, app: ASGIApp, origins: Collection[str]) -> None:
+        self.app = app
+        self.origins = frozenset(origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        granted = self._granted(scope)
+        if granted is None:
+            return await self.app(scope, receive, send)
+
+        async def send_granted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["Access-Control-Allow-Origin"] = granted
+                headers.add_vary_header("Origin")
+            await send(message)
+
+        await self.app(scope, receive, send_granted)
+
+    def _granted(self, scope: Scope) -> str | None:
+        """The ``Access-Control-Allow-Origin`` this request gets, or None."""
+        if scope["type"] != "http" or not is_whip_path(scope["path"]):
+            return None
+        if "*" in self.origins:
+            return "*"
+        origin = Headers(scope=scope).get("origin")
+        return origin if origin in self.origins else None
+
+
+def add_whip_routes(app: FastAPI, hub: WhipHub, cors_origins: Collection[str] = ()) -> None:
+    """``/whip`` and ``/whep``: SDP in, SDP out, resources by ``Location`` (RFC 9725 and WHEP).
+
+    Pages from ``cors_origins`` (none by default) may call them cross-origin.
+    """
+    if cors_origins:
+        app.add_middleware(AllowOrigins, origins=cors_origins)
 
     @app.post("/whip")
     @app.post("/whip/")  # a trailing slash is easy to paste into OBS
@@ -233,11 +312,13 @@ def _not_allowed(allowed: str):
 async def _created(request: Request, answer, location, extra=lambda _: {}) -> Response:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != SDP:
         return _problem(415, f"the body must be an SDP offer with Content-Type: {SDP}")
-    body = await request.body()
-    if len(body) > MAX_SDP_BYTES:
-        return _problem(413, f"the SDP offer is larger than {MAX_SDP_BYTES} bytes")
     try:
-        resource, sdp = await answer(body.decode("utf-8", errors="replace"))
+        offer = (await read_body(request, MAX_SDP_BYTES)).decode("utf-8", errors="replace")
+    except BodyTooLarge as error:  # and close: the rest of the body is never read
+        return _problem(413, f"the SDP offer is too large: {error}", {"Connection": "close"})
+    try:
+        check_sdp_shape(offer)  # before aiortc (or even the stream lookup) spends anything on it
+        resource, sdp = await answer(offer)
     except NotFound as error:
         return _problem(404, str(error))
     except (EngineBusyError, TooManyViewers) as error:
