@@ -20,8 +20,9 @@ from app.webrtc import MAX_SDP_BYTES, OfferError
 
 #: media (``m=``) sections: a browser sends a handful (camera, audio, data), OBS two
 MAX_MEDIA_SECTIONS = 8
-#: ``a=candidate`` lines in all sections together: a few dozen on a machine with many interfaces
-MAX_CANDIDATES = 128
+#: ``a=candidate`` lines in all sections together: a browser sends a few per interface; each is probed
+#: with STUN checks, so an offer naming hundreds would make the server spray packets at them
+MAX_CANDIDATES = 40
 #: lines of the whole offer: a browser's, every codec listed, is a few hundred
 MAX_SDP_LINES = 1500
 

@@ -48,11 +48,15 @@ LIVE_CONTROLS = (("prompt", "prompt"), ("negative", "negative_prompt"), ("streng
                  ("similarity", "similarity_filter"), ("threshold", "similarity_threshold"))
 
 
+MAX_UPLOAD = "64kb"
+
+
 def mount_ui(app: FastAPI, config: StreamConfig, styles: list[dict], *, random_weights: bool = False) -> FastAPI:
     """Mount the page at ``/`` (after every API route: the mount catches all other paths)."""
     demo = build_blocks(config, styles, random_weights)
     head = f"<style>{CSS}</style><script>{(STATIC / 'diffcam.js').read_text('utf-8')}</script>"
-    return gr.mount_gradio_app(app, demo, path="/", head=head, footer_links=[])
+    # the page takes no files: refuse uploads past a small form's size (Gradio stores them otherwise)
+    return gr.mount_gradio_app(app, demo, path="/", head=head, footer_links=[], max_file_size=MAX_UPLOAD)
 
 
 def build_blocks(config: StreamConfig, styles: list[dict], random_weights: bool) -> gr.Blocks:

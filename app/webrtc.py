@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import av
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.codecs import h264, vpx
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
@@ -358,7 +358,7 @@ class PeerManager:
             if on_closed is not None:
                 on_closed(peer)
 
-        peer = Peer(RTCPeerConnection(), session, closed, self.input_timeout, self.connect_timeout)
+        peer = Peer(peer_connection(), session, closed, self.input_timeout, self.connect_timeout)
         self.peers.add(peer)
         return peer
 
@@ -419,6 +419,13 @@ class PeerManager:
 
     async def close(self) -> None:
         await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
+
+
+def peer_connection() -> RTCPeerConnection:
+    """A server-side peer connection with no STUN or TURN server: aiortc would otherwise ask a public STUN
+    server on every offer. The server answers with its own addresses (host candidates); a browser behind
+    NAT still connects through its own server-reflexive candidates."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
 
 async def discard_frames(track: MediaStreamTrack) -> None:

@@ -27,7 +27,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
-from app.webrtc import MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
+from app.webrtc import (MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames,
+                        peer_connection)
 from engine.session import EngineBusyError
 
 MAX_VIEWERS = 8
@@ -114,7 +115,7 @@ class WhipHub:
         check_offer(sdp, "offer")
         if len(published.viewers) >= MAX_VIEWERS:
             raise TooManyViewers(f"stream has {MAX_VIEWERS} players already")
-        viewer_id, pc = secrets.token_urlsafe(16), RTCPeerConnection()
+        viewer_id, pc = secrets.token_urlsafe(16), peer_connection()
         published.viewers[viewer_id] = pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

@@ -357,3 +357,20 @@ def test_cors_origin_is_a_repeatable_flag_checked_at_start_up() -> None:
 def test_exposure_is_checked_once_with_a_message_naming_the_value() -> None:
     with pytest.raises(ValueError, match="--cors-origin 'not an origin'"):
         server.Exposure(cors_origins=("not an origin",))
+
+
+async def test_the_page_refuses_uploads_past_a_small_forms_size(tiny) -> None:
+    """The page takes no files; Gradio would otherwise store whatever anyone posts to its upload route."""
+    app, _ = build_app(tiny, StreamConfig(t_index_list=(30,), width=64, height=64), ui=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            response = await http.post("/gradio_api/upload", files={"files": ("big.bin", b"x" * 200_000)})
+        assert response.status_code == 413, response.text[:200]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

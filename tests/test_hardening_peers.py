@@ -254,3 +254,23 @@ async def test_a_flood_of_control_messages_is_rate_limited_and_the_newest_applie
         await client.wait_frames(5)  # the sender's own camera went on
     finally:
         await client.close()
+
+
+async def test_the_server_asks_no_stun_server_unless_one_is_configured(server, monkeypatch) -> None:
+    """aiortc's default asks a public STUN server on every offer; the server answers with its own addresses."""
+    import aiortc.rtcicetransport
+
+    asked: list = []
+    real = aiortc.rtcicetransport.Connection
+
+    def connection(*args, **kwargs):
+        asked.append(kwargs.get("stun_server"))
+        return real(*args, **kwargs)
+
+    watcher = Watcher()  # the test's own client, made first: only the server's connections are recorded
+    monkeypatch.setattr(aiortc.rtcicetransport, "Connection", connection)
+    try:
+        assert await watcher.offer(server.url) == 200
+    finally:
+        await watcher.pc.close()
+    assert asked and all(stun is None for stun in asked), asked
