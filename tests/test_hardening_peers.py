@@ -157,13 +157,15 @@ async def test_a_reaped_session_closes_its_peer_and_peers_never_exceed_max_sessi
 
 # ------------------------------------------------------------------ item 4: players that never connect
 
-@pytest.mark.parametrize("server", [{"connect_timeout": 1.0}], indirect=True)
+@pytest.mark.parametrize("server", [{"connect_timeout": 3.0}], indirect=True)
 async def test_players_that_never_connect_give_their_slot_back(server) -> None:
     from app.whip import MAX_VIEWERS
 
     publisher, stalled, player = Publisher(), [RTCPeerConnection() for _ in range(MAX_VIEWERS)], Player()
     try:
         stream_id = (await publisher.publish(server.url)).headers["location"].rsplit("/", 1)[1]
+        # the publisher is held to the same connect timeout: let it connect before loading the machine
+        await eventually(lambda: publisher.pc.connectionState == "connected", 10, "the publisher did not connect")
         async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
             for pc in stalled:  # offers whose ICE never completes: the answer is never applied
                 pc.addTransceiver("video", direction="recvonly")
@@ -171,7 +173,7 @@ async def test_players_that_never_connect_give_their_slot_back(server) -> None:
                 assert (await http.post(f"/whep/{stream_id}", content=pc.localDescription.sdp,
                                         headers=SDP)).status_code == 201
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        deadline = loop.time() + 15
         while (await player.watch(f"{server.url}/whep/{stream_id}")).status_code == 503:
             assert loop.time() < deadline, "players that never connected still hold every slot"
             await player.close()
