@@ -14,11 +14,9 @@ from tqdm import tqdm
 
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list, strength_to_t_index_list
-from engine.backends import BackendOptions, backend_missing, prepare_backend, resolve_backend
+from engine.backends import backend_missing, resolve_backend
 from engine.components import Components
-from engine.graphs import prepared_runner
-from engine.slots import StreamSlots
-from engine.step import step_models
+from engine.graphs import stream_runner
 from engine.cli import add_backend_argument, add_model_arguments, model_spec
 from engine.models import ModelUnavailableError, load_components
 from engine.stream import StreamDiffusion
@@ -104,11 +102,9 @@ def stylize(stream: StreamDiffusion, frames: Iterator[np.ndarray], writer: cv2.V
 
 def fast_stream(components: Components, config: StreamConfig, backend: str) -> StreamDiffusion:
     """The stream on ``backend``, its call captured as a CUDA graph on a GPU (this one thread owns the device)."""
-    backend, graphs = resolve_backend(backend, components.device), components.device.type == "cuda"
-    prepared, unet = prepare_backend(backend, components, config, BackendOptions(call_graphs=graphs))
-    runner = prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1,
-                             graphs=graphs, compiled=backend == "compile")
-    return StreamDiffusion(prepared, config, runner=runner)
+    runner = stream_runner(components, config, resolve_backend(backend, components.device),
+                           graphs=components.device.type == "cuda")
+    return StreamDiffusion(components, config, runner=runner)
 
 
 def _write(writer: cv2.VideoWriter, frame: np.ndarray | None) -> int:

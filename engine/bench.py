@@ -28,16 +28,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.backends import BACKEND_CHOICES, BackendOptions, prepare_backend, resolve_backend
+from engine.backends import BACKEND_CHOICES, resolve_backend
 from engine.components import Components
 from engine.quiet import quiet_libraries
 from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec, load_components
 from engine.presets import PRESETS
 from engine.schedule import step_schedule
-from engine.graphs import CallRunner, prepared_runner
-from engine.slots import StreamSlots
-from engine.step import step_models
+from engine.graphs import CallRunner, stream_runner
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frames
 from engine.vae import decode_latents, encode_latents
@@ -272,9 +270,7 @@ def accelerated(components: Components, config: StreamConfig, args: argparse.Nam
         return {}
     print(f"preparing the {backend} backend" + (" and capturing its call as a graph" if graphs else ""),
           file=sys.stderr)
-    prepared, unet = prepare_backend(backend, components, config, BackendOptions(release=False, call_graphs=graphs))
-    runner = prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1,
-                             graphs=graphs, compiled=backend == "compile")
+    runner = stream_runner(components, config, backend, graphs=graphs, release=False)
     return {backend + ("+graphs" if graphs else ""): runner}
 
 

@@ -28,9 +28,12 @@ from typing import Callable, Protocol
 
 import torch
 
+from engine.backends import BackendOptions, prepare_backend
+from engine.components import Components
+from engine.config import StreamConfig
 from engine.image import Frame, FrameKind, PixelLoader
 from engine.slots import StreamSlots
-from engine.step import StepModels, StepOutput, stream_step
+from engine.step import StepModels, StepOutput, step_models, stream_step
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,14 @@ def prepared_runner(models: StepModels, slots: StreamSlots, streams: int, *, gra
     elif compiled:
         runner.warm_up(progress=progress)
     return runner
+
+
+def stream_runner(components: Components, config: StreamConfig, backend: str, *, graphs: bool,
+                  release: bool = True) -> CallRunner:
+    """A runner for one stream on ``backend`` (already resolved), its call captured or compiled before use."""
+    prepared, unet = prepare_backend(backend, components, config, BackendOptions(release=release, call_graphs=graphs))
+    return prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1,
+                           graphs=graphs, compiled=backend == "compile")
 
 
 class Graph(Protocol):

@@ -54,8 +54,7 @@ def stream_step(models: StepModels, slots: StreamSlots, index: torch.Tensor,
                 pixels: torch.Tensor | None) -> StepOutput:
     """One call for the streams in slots ``index``: ``pixels`` ``(k·f, 3, H, W)`` in [0, 1], or None for txt2img."""
     shape, state = slots.shape, slots.gather(index)
-    x = torch.cat([_new_rows(models, shape, state, pixels), state.buffer], 1) if shape.steps > 1 \
-        else _new_rows(models, shape, state, pixels)
+    x = torch.cat([_new_rows(models, shape, state, pixels), state.buffer], 1)  # n = 1: the buffer has no rows
     eps, stock = _guide(_predict(models, shape, state, x), state, shape)
     x0 = state.c_out * (x - state.beta * eps) / state.alpha + state.c_skip * x
     buffer = _next_buffer(x0, state, shape.frames)

@@ -62,22 +62,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_server(process: subprocess.Popen, port: int, seconds: float = 90) -> None:
+    """Until the server started as ``process`` answers ``/healthz`` on ``port`` (it loads a model first)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
 def test_the_entry_script_serves_the_page_and_stops_cleanly() -> None:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "app/main.py", "--model", "tiny", "--port", str(port)],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_for_server(process, port)
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "gradio" in page.text.lower()
         config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=10).json()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from app.client import Client, SyntheticCamera
 from app.serve import build_app
 from engine.config import StreamConfig
 from engine.synthetic import moving_frame
+from tests.test_main import free_port, wait_for_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -129,12 +129,6 @@ def test_share_needs_the_page(capsys) -> None:
     assert "--share" in err[0] and "--no-ui" in err[0], err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_the_entry_script_serves_headless_with_gradio_blocked() -> None:
     port = free_port()
@@ -143,16 +137,7 @@ def test_the_entry_script_serves_headless_with_gradio_blocked() -> None:
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_for_server(process, port)
         root = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert root.status_code == 200 and "POST /offer" in root.json()["endpoints"], root.text
     finally:
