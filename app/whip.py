@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
+import time
 from dataclasses import dataclass, field
-from typing import Collection
+from typing import Any, Callable, Collection
 
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
@@ -29,7 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
 from app.webrtc import (MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames,
                         peer_connection)
-from engine.session import EngineBusyError
+from engine.session import EngineBusyError, Session
+
+log = logging.getLogger(__name__)
 
 MAX_VIEWERS = 8
 
@@ -44,15 +48,31 @@ class TooManyViewers(RuntimeError):
 
 @dataclass
 class Published:
-    """One WHIP stream: its publisher, its stylized output shared out, and who watches."""
+    """One live stream: what feeds it (a WHIP publisher, or a local source), its stylized output
+    shared out, and who watches."""
 
-    publisher: Peer
+    kind: str  # "whip" (a WHIP publisher such as OBS) or "source" (a camera, file or URL on the server)
+    name: str
+    session: Session
     output: StylizedTrack
+    publisher: Peer | None = None  # the WHIP peer; None for a local source
     relay: MediaRelay = field(default_factory=MediaRelay)
     viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
     drain: asyncio.Task | None = None
     #: per viewer, when it is dropped unless connected by then
     deadlines: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    live: bool = False  # announced to the listeners (negotiated, or a local source registered)
+
+    def describe(self, stream_id: str) -> dict[str, Any]:
+        """What ``GET /streams`` says about it."""
+        return {"id": stream_id, "kind": self.kind, "name": self.name, "viewers": len(self.viewers),
+                "seconds": round(time.monotonic() - self.started, 1),
+                "whep": f"/whep/{stream_id}", "view": f"/view/{stream_id}"}
+
+
+#: called on the event loop when a stream starts or ends: (stream id, the stream)
+Listener = Callable[[str, Published], None]
 
 
 class FrameCopies(MediaStreamTrack):
@@ -81,12 +101,13 @@ class FrameCopies(MediaStreamTrack):
 
 
 class WhipHub:
-    """Every WHIP stream and WHEP viewer, by id; ``close()`` ends them all."""
+    """Every live stream (WHIP publishers and local sources) and WHEP viewer, by id; ``close()`` ends them all."""
 
     def __init__(self, peers: PeerManager) -> None:
         self.peers = peers
         self.streams: dict[str, Published] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._listeners: list[tuple[Listener, Listener]] = []
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -94,20 +115,53 @@ class WhipHub:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def add_listener(self, on_start: Listener, on_end: Listener) -> None:
+        """Be told (on the event loop) when any stream starts and ends; a listener that raises is logged."""
+        self._listeners.append((on_start, on_end))
+
+    def _tell(self, which: int, stream_id: str, published: Published) -> None:
+        for listener in self._listeners:
+            try:
+                listener[which](stream_id, published)
+            except Exception:  # noqa: BLE001 - a listener never breaks a stream
+                log.exception("stream listener failed for %s", stream_id)
+
     async def publish(self, sdp: str) -> tuple[str, str]:
         """Answer a publisher's offer; returns (stream id, SDP answer)."""
         check_offer(sdp, "offer")
         stream_id = secrets.token_urlsafe(16)
         peer = await self.peers.open_peer(lambda _: self._forget(stream_id))
-        output = StylizedTrack(peer.session)
-        self.streams[stream_id] = published = Published(peer, output)
+        self.streams[stream_id] = published = Published("whip", "WHIP", peer.session, StylizedTrack(peer.session),
+                                                        publisher=peer)
         await self.peers.negotiate(peer, sdp, send_back=False)  # WHIP is send-only: players use WHEP
         if stream_id not in self.streams or peer.session.closed:  # the publisher went while we answered
             raise OfferError("the publisher's connection closed during negotiation")
-        # Read the output even with nobody watching: the session stays live (the engine reaps
-        # sessions nobody reads) and the first player gets the newest frame at once.
-        published.drain = self._spawn(discard_frames(published.relay.subscribe(output, buffered=False)))
+        self._start(stream_id, published)
         return stream_id, peer.pc.localDescription.sdp
+
+    async def publish_local(self, session: Session, name: str) -> str:
+        """A stream fed by ``session`` (a camera, file or URL read on the server); returns its id.
+
+        Its output is relayed like a WHIP stream's (WHEP players, ``/view``); closing the session ends it."""
+        stream_id = secrets.token_urlsafe(16)
+        self.streams[stream_id] = published = Published("source", name, session, StylizedTrack(session))
+        self._start(stream_id, published)
+        return stream_id
+
+    def _start(self, stream_id: str, published: Published) -> None:
+        # Read the output even with nobody watching: the session stays live (the engine reaps
+        # sessions nobody reads) and the first player gets the newest frame at once. When the
+        # output ends (the session closed), so does the stream.
+        published.drain = self._spawn(discard_frames(published.relay.subscribe(published.output, buffered=False)))
+        published.drain.add_done_callback(lambda _: self._forget(stream_id))
+        published.live = True
+        self._tell(0, stream_id, published)
+
+    def subscribe(self, stream_id: str) -> MediaStreamTrack:
+        """The newest stylized frame of stream ``stream_id``, at each ``recv`` (a slow reader skips frames);
+        it ends with the stream. ``stop()`` it when done."""
+        published = self._stream(stream_id)
+        return published.relay.subscribe(published.output, buffered=False)
 
     async def watch(self, stream_id: str, sdp: str) -> tuple[str, str]:
         """Answer a player's receive-only offer with stream ``stream_id``; returns (viewer id, SDP answer)."""
@@ -179,7 +233,12 @@ class WhipHub:
 
     async def unpublish(self, stream_id: str) -> None:
         """End a stream: its publisher, its session and every player."""
-        await self._stream(stream_id).publisher.close()
+        published = self._stream(stream_id)
+        if published.publisher is not None:
+            await published.publisher.close()
+        else:
+            published.session.close()
+            self._forget(stream_id)
 
     async def close(self) -> None:
         """End every stream and player, and wait (briefly) for what that started."""
@@ -193,7 +252,8 @@ class WhipHub:
         return self.streams[stream_id]
 
     def _forget(self, stream_id: str) -> None:
-        """The publisher closed (DELETE, vanished, failed): stop the drain and every player."""
+        """The stream ended (DELETE, its publisher vanished or failed, its session closed): stop the drain
+        and every player, and tell the listeners. Idempotent."""
         published = self.streams.pop(stream_id, None)
         if published is None:
             return
@@ -204,6 +264,8 @@ class WhipHub:
             deadline.cancel()
         for pc in published.viewers.values():
             self._spawn(pc.close())
+        if published.live:
+            self._tell(1, stream_id, published)
 
 
 SDP = "application/sdp"
