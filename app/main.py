@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                         help="a web origin (https://host[:port]) whose pages may call /whip and /whep; "
                              "repeat for more, * for any (default: none)")
+    server.add_argument("--https", action="store_true",
+                        help="serve over HTTPS with a self-signed certificate made on first use and kept in "
+                             "~/.cache/diffcam/tls (browsers give the camera only to secure pages: needed to use "
+                             "the page from another machine)")
+    server.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                        help="serve over HTTPS with this certificate (PEM) instead of a self-signed one")
+    server.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                        help="the private key of --ssl-certfile (PEM), unless the certificate file holds it")
+    server.add_argument("--ice-server", action="append", default=None, metavar="URL[,USER,CREDENTIAL]",
+                        help="a STUN or TURN server for peers behind NAT, given to the server and the page "
+                             "(e.g. stun:stun.l.google.com:19302 or turn:turn.example.com:3478,user,secret); "
+                             "repeat for more (default: none, host addresses only)")
     server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
     server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")
     return parser
@@ -96,6 +108,15 @@ def check_server_args(args: argparse.Namespace) -> None:
         parse_auth(args.auth)
     for origin in args.cors_origin or ():
         check_origin(origin)
+    from app.webrtc import IceServer
+
+    for text in args.ice_server or ():
+        IceServer.parse(text)
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate it belongs to)")
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
 
 
 def backend_name(args: argparse.Namespace) -> str:
@@ -159,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = stream_config(args)
         check_server_args(args)
+        from app.serve import check_port
+
+        check_port(args.host, args.port)
         check_backend(args)
         engine = build_engine(args, config)
         load(engine, args)

@@ -31,6 +31,11 @@ class BodyTooLarge(ValueError):
     """The request body is over its route's limit (HTTP 413); no more of it was read."""
 
 
+def media_type(request: Request) -> str:
+    """The request's ``Content-Type`` without parameters, lower-cased (``""`` when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or :class:`BodyTooLarge` as soon as it is known to pass ``limit`` bytes.
 

@@ -11,6 +11,7 @@ keeps pages on other sites from reaching a server on 127.0.0.1 through DNS rebin
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import logging
@@ -18,7 +19,7 @@ import secrets
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -27,14 +28,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
+from app.sdp_limits import BodyTooLarge, check_sdp_shape, media_type, read_body
 from app.webrtc import OfferError, PeerManager
+from app.streams import add_stream_routes
 from app.whip import WhipHub, add_whip_routes, is_whip_path
 from engine.runtime import Engine
 from engine.session import EngineBusyError
 
 log = logging.getLogger(__name__)
 
+#: something that runs beside the server while it serves, given the stream hub (a local source, the virtual camera)
+Attachment = Callable[[WhipHub], AsyncContextManager[None]]
 #: the JSON body of ``/offer``: an SDP of up to ``MAX_SDP_BYTES``, escaped
 MAX_OFFER_BYTES = 200_000
 #: what a server on loopback answers to, as ``Host`` writes them; any other name is a DNS-rebinding page
@@ -92,20 +96,28 @@ class Exposure:
 
 
 def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | None = None,
-               exposure: Exposure = Exposure(), start_engine: bool = True) -> FastAPI:
+               exposure: Exposure = Exposure(), start_engine: bool = True, listed: bool | None = None,
+               attachments: Sequence[Attachment] = ()) -> FastAPI:
     """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine.
 
     ``exposure``: the ``Host`` names answered to and the origins allowed cross-origin (default:
-    loopback names only, no other site).
+    loopback names only, no other site). ``listed``: whether ``GET /streams`` lists the live streams
+    (default: with ``auth``, or on a loopback-only server). ``attachments`` run beside the server
+    once the engine has started (local sources, the virtual camera), each given the stream hub.
     """
     hub = WhipHub(peers)
+    if listed is None:
+        listed = auth is not None or exposure.hosts == LOOPBACK_HOSTS
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if start_engine:
             await engine.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as attached:
+                for attach in attachments:
+                    await attached.enter_async_context(attach(hub))
+                yield
         finally:
             await hub.close()
             await peers.close()
@@ -113,12 +125,13 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
                 await engine.aclose()
 
     app = FastAPI(title="diffcam", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.hub = hub
     if auth is not None:
         app.add_middleware(BasicAuth, credentials=auth)
 
     @app.post("/offer")
     async def offer(request: Request) -> Response:
-        if _media_type(request) != "application/json":  # a page on another site can post text/plain, not JSON
+        if media_type(request) != "application/json":  # a page on another site can post text/plain, not JSON
             return JSONResponse({"error": "unsupported media type",
                                  "detail": 'the body must be JSON, sent as Content-Type: application/json'},
                                 status_code=415)
@@ -134,9 +147,19 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
             return JSONResponse({"error": "server busy", "detail": str(error)}, status_code=503)
         except OfferError as error:
             return JSONResponse({"error": "bad offer", "detail": str(error)}, status_code=400)
-        return JSONResponse({"sdp": answer.sdp, "type": answer.type, "session": peer.session.id})
+        return JSONResponse({"sdp": answer.sdp, "type": answer.type, "session": peer.session.id,
+                             "close": f"/offer/{peer.token}"})
+
+    @app.post("/offer/{token}")  # a page's beacon as its tab goes away (sendBeacon can only POST)
+    @app.delete("/offer/{token}")
+    async def close_offer(token: str) -> Response:
+        if not await peers.close_by_token(token):
+            return JSONResponse({"error": "not found", "detail": "no such session (closed already?)"},
+                                status_code=404)
+        return Response(status_code=204)
 
     add_whip_routes(app, hub, exposure.cors_origins)
+    add_stream_routes(app, hub, listed=listed)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -153,9 +176,12 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
 
 #: what a headless server (``--no-ui``) offers, answered at ``/`` so that a visitor is not left with a 404
 ENDPOINTS = {
-    "POST /offer": "WebRTC signalling: {sdp, type} in, the answer and the session id out",
+    "POST /offer": "WebRTC signalling: {sdp, type} in, the answer, the session id and its close URL out",
     "POST /whip": "WHIP ingest (OBS): an SDP offer in, the stream's resource in Location",
-    "POST /whep/{stream_id}": "WHEP viewer of a WHIP stream's stylized output",
+    "POST /whep/{stream_id}": "WHEP viewer of a stream's stylized output",
+    "GET /view/{stream_id}": "a full-window player of a stream (OBS Browser Source)",
+    "GET /streams": "the live streams (WHIP and --source) with their WHEP and view URLs",
+    "POST /streams/{stream_id}/params": "change a stream's prompt, strength, guidance, seed… (JSON)",
     "GET /healthz": "liveness and session count",
     "GET /metrics": "Prometheus metrics",
 }
@@ -168,10 +194,6 @@ def add_headless_index(app: FastAPI) -> None:
     async def index() -> dict[str, Any]:
         return {"diffcam": "serving without the page (--no-ui); restart without --no-ui for the camera page",
                 "endpoints": ENDPOINTS}
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

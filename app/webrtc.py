@@ -22,12 +22,13 @@ import fractions
 import json
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import av
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.codecs import h264, vpx
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
@@ -135,6 +136,24 @@ def echo(params: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def apply_control(session: Session, message: Any) -> dict[str, Any]:
+    """Apply one control message (JSON text) to ``session``; the reply, always short: ``applied`` with
+    the values, or ``error`` with why and the ``fields`` of the refused message (none when it did not
+    parse), so that a page can show it beside its control."""
+    fields: list[str] = []
+    try:
+        params = parse_control(message)
+        fields = sorted(params)
+        shown = echo(params)
+        session.update(**params)
+        return {"type": "applied", "params": shown}
+    except (ValueError, TypeError, RecursionError) as error:
+        return {"type": "error", "error": clipped(str(error), ERROR_CHARS), "fields": fields}
+    except Exception as error:  # noqa: BLE001 - errors are data: the peer and its stream go on
+        log.exception("control message failed on session %s", session.id)
+        return {"type": "error", "error": clipped(f"{type(error).__name__}: {error}", ERROR_CHARS), "fields": fields}
+
+
 class StylizedTrack(MediaStreamTrack):
     """The stylized video sent back: each ``recv`` returns the session's newest output."""
 
@@ -179,6 +198,8 @@ class Peer:
         self._throttled = False
         self._deferred: Any = None  # the newest control message that came too fast; applied when the rate allows
         self._deferred_timer: asyncio.TimerHandle | None = None
+        #: the secret that closes this peer over HTTP (a page's beacon as its tab goes away)
+        self.token = secrets.token_urlsafe(16)
 
     def spawn(self, coroutine, name: str) -> None:
         if self._closed:  # nobody would cancel it
@@ -282,17 +303,7 @@ class Peer:
             self._defer(message)
 
     def _reply(self, message: Any) -> dict[str, Any]:
-        """Apply one control message; the reply (applied or error) never ends the peer and is always short."""
-        try:
-            params = parse_control(message)
-            shown = echo(params)
-            self.session.update(**params)
-            return {"type": "applied", "params": shown}
-        except (ValueError, TypeError, RecursionError) as error:
-            return {"type": "error", "error": clipped(str(error), ERROR_CHARS)}
-        except Exception as error:  # noqa: BLE001 - errors are data: the peer and its stream go on
-            log.exception("control message failed on session %s", self.session.id)
-            return {"type": "error", "error": clipped(f"{type(error).__name__}: {error}", ERROR_CHARS)}
+        return apply_control(self.session, message)
 
     async def _send_stats(self) -> None:
         while True:
@@ -329,14 +340,28 @@ class PeerManager:
     """Answers offers and owns every live peer; ``close()`` ends them all."""
 
     def __init__(self, engine: Engine, video: VideoOptions = VideoOptions(), input_timeout: float = 5.0,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, ice_servers: Sequence[IceServer] = ()) -> None:
         self.engine = engine
         self.video = video
         self.input_timeout = input_timeout
         self.connect_timeout = connect_timeout
+        self.ice_servers = tuple(ice_servers)
         self.peers: set[Peer] = set()
+        self._by_token: dict[str, Peer] = {}
         self._opening = 0
         video.apply()
+
+    def peer_connection(self) -> RTCPeerConnection:
+        """A server-side peer connection with this server's STUN/TURN servers (``--ice-server``)."""
+        return peer_connection(self.ice_servers)
+
+    async def close_by_token(self, token: str) -> bool:
+        """Close the peer whose close token is ``token`` (a page going away); False if there is none."""
+        peer = self._by_token.get(token)
+        if peer is None:
+            return False
+        await peer.close()
+        return True
 
     async def open_peer(self, on_closed: Callable[[Peer], None] | None = None) -> Peer:
         """A new peer with its own engine session; raises ``EngineBusyError`` at capacity.
@@ -355,11 +380,13 @@ class PeerManager:
 
         def closed(peer: Peer) -> None:
             self.peers.discard(peer)
+            self._by_token.pop(peer.token, None)
             if on_closed is not None:
                 on_closed(peer)
 
-        peer = Peer(peer_connection(), session, closed, self.input_timeout, self.connect_timeout)
+        peer = Peer(self.peer_connection(), session, closed, self.input_timeout, self.connect_timeout)
         self.peers.add(peer)
+        self._by_token[peer.token] = peer
         return peer
 
     async def answer(self, sdp: str, kind: str) -> tuple[RTCSessionDescription, Peer]:
@@ -421,11 +448,48 @@ class PeerManager:
         await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
 
 
-def peer_connection() -> RTCPeerConnection:
-    """A server-side peer connection with no STUN or TURN server: aiortc would otherwise ask a public STUN
-    server on every offer. The server answers with its own addresses (host candidates); a browser behind
-    NAT still connects through its own server-reflexive candidates."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+@dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server (``--ice-server URL[,USER,CREDENTIAL]``), for aiortc and for the page."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IceServer:
+        url, *login = (part.strip() for part in text.split(","))
+        scheme = url.partition(":")[0].lower()
+        if scheme not in ICE_SCHEMES or not url.partition(":")[2]:
+            raise ValueError(f"--ice-server {url!r} is not a STUN or TURN URL; allowed: stun:host[:port], "
+                             "turn:host[:port][?transport=udp|tcp], stuns:, turns:")
+        if scheme.startswith("turn") and len(login) != 2:
+            raise ValueError(f"--ice-server {url!r}: a TURN server needs a user and a credential: "
+                             "turn:host:3478,USER,CREDENTIAL")
+        if len(login) not in (0, 2) or not all(login):
+            raise ValueError(f"--ice-server {text!r}: write URL or URL,USER,CREDENTIAL")
+        return cls(url, *login) if login else cls(url)
+
+    def for_aiortc(self) -> RTCIceServer:
+        return RTCIceServer(urls=self.url, username=self.username, credential=self.credential)
+
+    def for_browser(self) -> dict[str, str]:
+        """As ``RTCPeerConnection``'s ``iceServers`` takes it."""
+        entry = {"urls": self.url}
+        if self.username is not None:
+            entry |= {"username": self.username, "credential": self.credential or ""}
+        return entry
+
+
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def peer_connection(ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnection:
+    """A server-side peer connection. With no ``ice_servers`` (the default) it uses no STUN or TURN
+    server: aiortc would otherwise ask a public STUN server on every offer. The server then answers
+    with its own addresses (host candidates); a browser behind NAT still connects through its own
+    server-reflexive candidates, and ``--ice-server`` adds STUN/TURN where that is not enough."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[server.for_aiortc() for server in ice_servers]))
 
 
 async def discard_frames(track: MediaStreamTrack) -> None:

@@ -28,9 +28,8 @@ from fastapi.responses import Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.sdp_limits import BodyTooLarge, check_sdp_shape, read_body
-from app.webrtc import (MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames,
-                        peer_connection)
+from app.sdp_limits import BodyTooLarge, check_sdp_shape, media_type, read_body
+from app.webrtc import MAX_SDP_BYTES, OfferError, Peer, PeerManager, StylizedTrack, check_offer, discard_frames
 from engine.session import EngineBusyError, Session
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ class WhipHub:
         check_offer(sdp, "offer")
         if len(published.viewers) >= MAX_VIEWERS:
             raise TooManyViewers(f"stream has {MAX_VIEWERS} players already")
-        viewer_id, pc = secrets.token_urlsafe(16), peer_connection()
+        viewer_id, pc = secrets.token_urlsafe(16), self.peers.peer_connection()
         published.viewers[viewer_id] = pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -373,7 +372,7 @@ def _not_allowed(allowed: str):
 
 
 async def _created(request: Request, answer, location, extra=lambda _: {}) -> Response:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != SDP:
+    if media_type(request) != SDP:
         return _problem(415, f"the body must be an SDP offer with Content-Type: {SDP}")
     try:
         offer = (await read_body(request, MAX_SDP_BYTES)).decode("utf-8", errors="replace")

@@ -1,0 +1,214 @@
+"""The round trip's server side: the stream list, steering a stream over HTTP, a page's close beacon,
+ICE servers for both ends, HTTPS, and a port already in use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+
+import httpx
+import pytest
+import uvicorn
+
+from app import main as app_main, streams
+from app.serve import announce_streams, build_app, check_port
+from app.server import Exposure
+from app.tls import self_signed
+from app.webrtc import IceServer, PeerManager
+from tests.test_app_webrtc import CONFIG, RunningApp, moving_camera
+from tests.test_whip import Publisher
+from app.client import Client
+
+
+@contextlib.asynccontextmanager
+async def serving(app, **ssl_options):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **ssl_options))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+@contextlib.asynccontextmanager
+async def running_app(tiny, **options):
+    app, engine = build_app(tiny, CONFIG, max_sessions=2, idle_timeout=10, random_weights=True, ui=False, **options)
+    async with serving(app) as port:
+        yield RunningApp(f"http://127.0.0.1:{port}", engine), app
+
+
+async def published(url: str) -> tuple[Publisher, str]:
+    publisher = Publisher()
+    response = await publisher.publish(url)
+    assert response.status_code == 201, response.text
+    return publisher, response.headers["location"].rsplit("/", 1)[1]
+
+
+async def test_streams_are_listed_and_steered_over_http(tiny, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(streams, "CONTROL_RATE", 0.5)  # a slow machine cannot outrun 30 a second
+    monkeypatch.setattr(streams, "CONTROL_BURST", 5)
+    async with running_app(tiny) as (running, app):
+        announce_streams(app, running.url)
+        publisher, stream_id = await published(running.url)
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                listed = (await http.get("/streams")).json()["streams"]
+                assert [(s["id"], s["kind"], s["whep"], s["view"]) for s in listed] == \
+                       [(stream_id, "whip", f"/whep/{stream_id}", f"/view/{stream_id}")]
+                session = app.state.hub.streams[stream_id].session
+
+                applied = await http.post(f"/streams/{stream_id}/params", json={"prompt": "a cat", "seed": 7})
+                assert applied.status_code == 200 and applied.json() == {"type": "applied",
+                                                                        "params": {"prompt": "a cat", "seed": 7}}
+                assert (session.config.prompt, session.config.seed) == ("a cat", 7)
+
+                refused = await http.post(f"/streams/{stream_id}/params", json={"seed": -5})
+                assert refused.status_code == 400 and refused.json()["fields"] == ["seed"]
+                assert "seed" in refused.json()["error"] and session.config.seed == 7, "nothing changed"
+                unknown = await http.post(f"/streams/{stream_id}/params", json={"model": "/etc/passwd"})
+                assert unknown.status_code == 400 and "unknown control" in unknown.json()["error"]
+                assert (await http.post(f"/streams/{stream_id}/params", content=b"seed=1",
+                                        headers={"Content-Type": "text/plain"})).status_code == 415
+                assert (await http.post("/streams/nosuchstream/params", json={"seed": 1})).status_code == 404
+
+                burst = [await http.post(f"/streams/{stream_id}/params", json={"seed": 1}) for _ in range(5)]
+                statuses = [response.status_code for response in burst]
+                assert 429 in statuses and 200 in statuses, "a stream's changes are rate-limited like a channel's"
+                assert "Retry-After" in burst[statuses.index(429)].headers
+
+                assert (await http.delete(f"/whip/{stream_id}")).status_code == 200
+                assert (await http.get("/streams")).json() == {"streams": []}
+        finally:
+            await publisher.pc.close()
+    out = capsys.readouterr().out
+    assert f"stream {stream_id} (WHIP) started: watch {running.url}/view/{stream_id}" in out
+    assert f"WHEP {running.url}/whep/{stream_id}" in out and f"stream {stream_id} (WHIP) ended" in out
+
+
+async def test_streams_are_not_listed_to_the_network_without_auth(tiny) -> None:
+    async with running_app(tiny, exposure=Exposure(hosts=None)) as (running, _):  # as --host 0.0.0.0 serves
+        async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+            refused = await http.get("/streams")
+            assert refused.status_code == 403 and "--auth" in refused.json()["detail"]
+            assert (await http.get("/client-config")).json()["streams_listed"] is False
+    async with running_app(tiny, exposure=Exposure(hosts=None), auth=("me", "pw")) as (running, _):
+        async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+            assert (await http.get("/streams")).status_code == 401
+            assert (await http.get("/streams", auth=("me", "pw"))).json() == {"streams": []}
+
+
+async def test_a_page_going_away_frees_its_session_at_once_with_its_close_url(tiny) -> None:
+    async with running_app(tiny) as (running, _):
+        client = Client(moving_camera())
+        try:
+            response = await client.connect(running.url)
+            answer = response.json()
+            assert answer["close"].startswith("/offer/") and len(answer["close"]) > len("/offer/") + 16
+            await client.wait_frames(2)
+            assert running.engine.snapshot()["sessions_active"] == 1
+            async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                assert (await http.post("/offer/not-the-token")).status_code == 404
+                assert running.engine.snapshot()["sessions_active"] == 1, "a wrong token closes nothing"
+                assert (await http.post(answer["close"], content=b"")).status_code == 204  # as sendBeacon posts
+                assert running.engine.snapshot()["sessions_active"] == 0
+                assert (await http.delete(answer["close"])).status_code == 404
+        finally:
+            await client.close()
+
+
+async def test_a_refused_control_names_its_field(tiny) -> None:
+    async with running_app(tiny) as (running, _):
+        client = Client(moving_camera())
+        try:
+            await client.connect(running.url)
+            reply = await client.send({"seed": -5})
+            assert reply["type"] == "error" and reply["fields"] == ["seed"]
+            assert (await client.send("not an object"))["fields"] == []
+        finally:
+            await client.close()
+
+
+def test_ice_servers_are_parsed_for_aiortc_and_the_page() -> None:
+    stun = IceServer.parse("stun:stun.example.org:3478")
+    turn = IceServer.parse("turn:turn.example.org:3478?transport=tcp, user , secret")
+    assert stun.for_browser() == {"urls": "stun:stun.example.org:3478"}
+    assert turn.for_browser() == {"urls": "turn:turn.example.org:3478?transport=tcp", "username": "user",
+                                  "credential": "secret"}
+    assert turn.for_aiortc().username == "user"
+    for bad, message in (("http://example.org", "not a STUN or TURN URL"), ("stun:", "not a STUN or TURN URL"),
+                         ("turn:turn.example.org", "needs a user and a credential"),
+                         ("stun:a.org,user", "URL or URL,USER,CREDENTIAL")):
+        with pytest.raises(ValueError, match=message):
+            IceServer.parse(bad)
+
+
+async def test_ice_servers_reach_the_server_peers_and_the_page(tiny) -> None:
+    servers = [IceServer.parse("stun:127.0.0.1:3478"), IceServer.parse("turn:127.0.0.1:3478,u,p")]
+    async with running_app(tiny, ice_servers=servers) as (running, app):
+        async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+            config = (await http.get("/client-config")).json()
+        assert config["ice_servers"] == [server.for_browser() for server in servers]
+        peers: PeerManager = app.state.hub.peers
+        pc = peers.peer_connection()
+        try:
+            configuration = pc._RTCPeerConnection__configuration  # aiortc keeps it private
+            assert [(s.urls, s.username) for s in configuration.iceServers] == [("stun:127.0.0.1:3478", None),
+                                                                               ("turn:127.0.0.1:3478", "u")]
+        finally:
+            await pc.close()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ice-server", "http://x"], "not a STUN or TURN URL"),
+    (["--ssl-keyfile", "/no/key.pem"], "--ssl-keyfile needs --ssl-certfile"),
+    (["--ssl-certfile", "/no/cert.pem"], "--ssl-certfile /no/cert.pem: no such file"),
+])
+def test_bad_server_flags_exit_2_with_one_line(argv, message, capsys) -> None:
+    assert app_main.main(["--model", "tiny", "--no-ui", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffcam: ") and message in err[0], err
+
+
+def test_a_port_in_use_is_one_line_naming_another_port_before_the_model_loads(capsys, monkeypatch) -> None:
+    from engine.runtime import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *_: pytest.fail("the model loaded before the port was checked"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_port("127.0.0.1", port)
+        assert app_main.main(["--model", "tiny", "--no-ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--port {port + 1}" in err[0], err
+
+
+def test_the_self_signed_certificate_is_kept_and_made_again_for_a_new_address(tmp_path) -> None:
+    cert, key = self_signed("127.0.0.1", tmp_path)
+    assert key.stat().st_mode & 0o077 == 0, "the private key is the owner's only"
+    made = cert.read_bytes()
+    assert self_signed("0.0.0.0", tmp_path)[0].read_bytes() == made, "kept across starts"
+    assert self_signed("192.0.2.7", tmp_path)[0].read_bytes() != made, "an address it does not name: made again"
+    assert self_signed("192.0.2.7", tmp_path)[0].read_bytes() == self_signed("localhost", tmp_path)[0].read_bytes()
+
+
+async def test_https_serves_with_the_self_signed_certificate(tiny, tmp_path) -> None:
+    cert, key = self_signed("127.0.0.1", tmp_path)
+    app, _ = build_app(tiny, CONFIG, max_sessions=1, ui=False)
+    async with serving(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as port:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(verify=trusted, timeout=20) as http:
+            for host in ("127.0.0.1", "localhost"):
+                assert (await http.get(f"https://{host}:{port}/healthz")).json()["status"] == "ok"
+        async with httpx.AsyncClient(timeout=20) as http:
+            with pytest.raises(httpx.ConnectError):  # plain http to an https port, or an untrusting client
+                await http.get(f"https://127.0.0.1:{port}/healthz")
