@@ -108,6 +108,7 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
     hub = WhipHub(peers)
     if listed is None:
         listed = auth is not None or exposure.hosts == LOOPBACK_HOSTS
+    hub.latest_allowed = listed
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

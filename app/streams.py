@@ -6,7 +6,9 @@ sources) with their WHEP and ``/view`` URLs, to whoever passes ``--auth``, or to
 server listens on loopback only (everyone who can reach it is on this machine); otherwise 403,
 since a stream's id is what lets one watch it. ``POST /streams/<id>/params``: change a stream's
 parameters as the page's data channel does (same fields, same limits, same replies).
-``GET /view/<id>``: a bare full-window player of one stream over WHEP, for an OBS Browser Source.
+``GET /view/<id>``: a bare full-window player of one stream over WHEP, for an OBS Browser Source;
+``/view/latest`` plays whichever stream started last (where streams are listed), so one Browser
+Source URL keeps working as OBS starts and stops streaming.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ from engine.session import EngineBusyError, Session
 log = logging.getLogger(__name__)
 
 MAX_VIEWERS = 8
+#: the stream id that names the stream started last (see :meth:`WhipHub.resolve`)
+LATEST = "latest"
 
 
 class NotFound(LookupError):
@@ -107,6 +109,9 @@ class WhipHub:
         self.streams: dict[str, Published] = {}
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[tuple[Listener, Listener]] = []
+        #: whether ``latest`` names the newest stream; only where streams may be listed, since an id is
+        #: otherwise what lets one watch a stream
+        self.latest_allowed = False
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -162,8 +167,22 @@ class WhipHub:
         published = self._stream(stream_id)
         return published.relay.subscribe(published.output, buffered=False)
 
+    def resolve(self, stream_id: str) -> str:
+        """``stream_id`` itself, or for ``latest`` (where allowed: see ``latest_allowed``) the id of the stream
+        that started last: a player with one fixed URL (an OBS Browser Source) follows each new stream."""
+        if stream_id != LATEST:
+            return stream_id
+        if not self.latest_allowed:
+            raise NotFound(f"'{LATEST}' is not served here: use the stream's own id (printed when it starts), "
+                           "or start the server with --auth")
+        if not self.streams:
+            raise NotFound("no stream is live")
+        return max(self.streams, key=lambda live: self.streams[live].started)
+
     async def watch(self, stream_id: str, sdp: str) -> tuple[str, str]:
-        """Answer a player's receive-only offer with stream ``stream_id``; returns (viewer id, SDP answer)."""
+        """Answer a player's receive-only offer with stream ``stream_id`` (or :meth:`resolve`'s ``latest``);
+        returns (``<stream id>/<viewer id>``, the player's resource under ``/whep/``, and the SDP answer)."""
+        stream_id = self.resolve(stream_id)
         published = self._stream(stream_id)
         check_offer(sdp, "offer")
         if len(published.viewers) >= MAX_VIEWERS:
@@ -194,7 +213,7 @@ class WhipHub:
         pc.on("datachannel", lambda channel: channel.close())  # a player has nothing to control
         published.deadlines[viewer_id] = asyncio.get_running_loop().call_later(
             self.peers.connect_timeout, self._drop_unconnected, published, viewer_id)
-        return viewer_id, pc.localDescription.sdp
+        return f"{stream_id}/{viewer_id}", pc.localDescription.sdp
 
     @staticmethod
     def _send_only(pc: RTCPeerConnection) -> None:
@@ -350,8 +369,7 @@ def add_whip_routes(app: FastAPI, hub: WhipHub, cors_origins: Collection[str] = 
 
     @app.post("/whep/{stream_id}")
     async def whep(stream_id: str, request: Request) -> Response:
-        return await _created(request, lambda sdp: hub.watch(stream_id, sdp),
-                              lambda viewer_id: f"/whep/{stream_id}/{viewer_id}")
+        return await _created(request, lambda sdp: hub.watch(stream_id, sdp), lambda viewer: f"/whep/{viewer}")
 
     @app.delete("/whep/{stream_id}/{viewer_id}")
     async def whep_delete(stream_id: str, viewer_id: str) -> Response:

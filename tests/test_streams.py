@@ -18,7 +18,7 @@ from app.server import Exposure
 from app.tls import self_signed
 from app.webrtc import IceServer, PeerManager
 from tests.test_app_webrtc import CONFIG, RunningApp, moving_camera
-from tests.test_whip import Publisher
+from tests.test_whip import SDP, VIDEO_WITHOUT_ICE, Player, Publisher
 from app.client import Client
 
 
@@ -91,6 +91,33 @@ async def test_streams_are_listed_and_steered_over_http(tiny, capsys, monkeypatc
     out = capsys.readouterr().out
     assert f"stream {stream_id} (WHIP) started: watch {running.url}/view/{stream_id}" in out
     assert f"WHEP {running.url}/whep/{stream_id}" in out and f"stream {stream_id} (WHIP) ended" in out
+
+
+async def test_latest_plays_the_newest_stream_where_streams_are_listed(tiny) -> None:
+    async with running_app(tiny) as (running, _):
+        async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+            assert "no stream is live" in (await http.post("/whep/latest", content=VIDEO_WITHOUT_ICE,
+                                                           headers=SDP)).text
+        first, first_id = await published(running.url)
+        second, second_id = await published(running.url)
+        player = Player()
+        try:
+            watched = await player.watch(f"{running.url}/whep/latest")
+            assert watched.status_code == 201, watched.text
+            assert watched.headers["location"].startswith(f"/whep/{second_id}/"), "the newest, by its own id"
+            await player.wait_frames(3)
+            async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                assert (await http.delete(watched.headers["location"])).status_code == 200
+        finally:
+            await asyncio.gather(first.pc.close(), second.pc.close(), player.close())
+    async with running_app(tiny, exposure=Exposure(hosts=None)) as (running, _):
+        publisher, _ = await published(running.url)
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                refused = await http.post("/whep/latest", content=VIDEO_WITHOUT_ICE, headers=SDP)
+            assert refused.status_code == 404 and "--auth" in refused.text, "ids stay the only way in"
+        finally:
+            await publisher.pc.close()
 
 
 async def test_streams_are_not_listed_to_the_network_without_auth(tiny) -> None:
