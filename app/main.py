@@ -16,6 +16,7 @@ from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_
 from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments, model_spec  # noqa: E402
 from engine.models import LOAD_STAGES, ModelUnavailableError  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
+from app.local import LocalError, add_local_arguments, plan_local  # noqa: E402
 
 
 class StartupError(RuntimeError):
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeat for more (default: none, host addresses only)")
     server.add_argument("--codec", default="vp8", choices=["vp8", "h264"], help="preferred video codec back")
     server.add_argument("--bitrate", type=int, default=3000, help="video bitrate back to the browser, kbit/s")
+    add_local_arguments(parser)
     return parser
 
 
@@ -177,6 +179,7 @@ def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plan = None
     try:
         config = stream_config(args)
         check_server_args(args)
@@ -184,18 +187,27 @@ def main(argv: list[str] | None = None) -> int:
 
         check_port(args.host, args.port)
         check_backend(args)
+        plan = plan_local(args, (config.width, config.height))  # cameras, files, the virtual camera: before loading
         engine = build_engine(args, config)
         load(engine, args)
-    except (ValueError, StartupError, ModelUnavailableError) as error:
+    except (ValueError, StartupError, ModelUnavailableError, LocalError) as error:
+        if plan is not None:
+            plan.close()
         print(f"diffcam: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C while loading or compiling: the workers are daemon threads
+        if plan is not None:
+            plan.close()
         print("stopped", file=sys.stderr)
         return 130
     print(describe(engine, config, args))
+    from app.local import attach_local
     from app.serve import serve
 
-    return serve(args, engine)
+    try:
+        return serve(args, engine, plan.virtual_camera, attachments=[attach_local(plan, engine)])
+    finally:
+        plan.close()  # what serving never attached (it could not listen, say)
 
 
 if __name__ == "__main__":

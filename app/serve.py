@@ -12,7 +12,7 @@ import json
 import secrets
 import socket
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,6 +25,9 @@ from engine.config import StreamConfig
 from engine.presets import PRESETS
 from engine.runtime import Engine, EngineConfig
 from engine.tokenizer_vocab import ASSETS
+
+if TYPE_CHECKING:
+    from app.virtualcam import VirtualCamera
 
 SHUTDOWN_SECONDS = 5
 
@@ -41,17 +44,18 @@ def build_app(components: Components, config: StreamConfig, *, max_sessions: int
 def engine_app(engine: Engine, *, auth: tuple[str, str] | None = None, video: VideoOptions = VideoOptions(),
                random_weights: bool = False, input_timeout: float = 5.0, ui: bool = True,
                start_engine: bool = True, exposure: Exposure = Exposure(), ice_servers: Sequence[IceServer] = (),
-               listed: bool | None = None, attachments: Sequence[Attachment] = ()) -> FastAPI:
+               listed: bool | None = None, attachments: Sequence[Attachment] = (),
+               virtual_camera: VirtualCamera | None = None) -> FastAPI:
     """The application around ``engine`` (its lifespan starts and stops the engine unless ``start_engine`` is off).
 
     ``ui=False`` leaves the Gradio page out (``/`` then lists the endpoints) and never imports Gradio.
     ``exposure``: the ``Host`` names it answers to and the origins allowed cross-origin (default: loopback only);
-    ``ice_servers``: STUN/TURN for the server's and the page's peer connections; ``listed`` and
-    ``attachments``: see :func:`app.server.create_app`.
+    ``ice_servers``: STUN/TURN for the server's and the page's peer connections; ``listed``,
+    ``attachments`` and ``virtual_camera``: see :func:`app.server.create_app`.
     """
     peers = PeerManager(engine, video, input_timeout, ice_servers=ice_servers)
     app = create_app(engine, peers, auth=auth, exposure=exposure, start_engine=start_engine, listed=listed,
-                     attachments=attachments)
+                     attachments=attachments, virtual_camera=virtual_camera)
     if ui:
         from app.ui import mount_ui  # imported here: Gradio is heavy and absent on headless machines
 
@@ -138,9 +142,11 @@ def tls_files(args: argparse.Namespace, host: str) -> tuple[str, str] | None:
     return str(cert), str(key)
 
 
-def serve(args: argparse.Namespace, engine: Engine, attachments: Sequence[Attachment] = ()) -> int:
+def serve(args: argparse.Namespace, engine: Engine, virtual_camera: VirtualCamera | None = None,
+          attachments: Sequence[Attachment] = ()) -> int:
     """Serve ``engine`` (loaded: see :meth:`Engine.load`) until Ctrl+C; the exit code (2 when it cannot
-    listen or share). ``attachments`` (local sources, the virtual camera) run while it serves."""
+    listen or share). ``attachments`` (local sources, the virtual camera) run while it serves;
+    ``virtual_camera`` gets its HTTP control."""
     auth = parse_auth(args.auth) if args.auth else None
     ui = not args.no_ui
     host = "127.0.0.1" if args.host == "localhost" else args.host
@@ -149,7 +155,7 @@ def serve(args: argparse.Namespace, engine: Engine, attachments: Sequence[Attach
     ice_servers = [IceServer.parse(text) for text in args.ice_server or ()]
     app = engine_app(engine, auth=auth, video=VideoOptions(args.codec, args.bitrate * 1000),
                      random_weights=args.model in PRESETS, ui=ui, exposure=exposure, ice_servers=ice_servers,
-                     attachments=attachments)
+                     attachments=attachments, virtual_camera=virtual_camera)
     tls = tls_files(args, host)
     shown = "127.0.0.1" if everywhere else host
     if ":" in shown and not shown.startswith("["):  # an IPv6 address, as a URL writes it

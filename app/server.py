@@ -19,7 +19,7 @@ import secrets
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncContextManager, AsyncIterator, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -34,6 +34,9 @@ from app.streams import add_stream_routes
 from app.whip import WhipHub, add_whip_routes, is_whip_path
 from engine.runtime import Engine
 from engine.session import EngineBusyError
+
+if TYPE_CHECKING:
+    from app.virtualcam import VirtualCamera
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +100,14 @@ class Exposure:
 
 def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | None = None,
                exposure: Exposure = Exposure(), start_engine: bool = True, listed: bool | None = None,
-               attachments: Sequence[Attachment] = ()) -> FastAPI:
+               attachments: Sequence[Attachment] = (), virtual_camera: VirtualCamera | None = None) -> FastAPI:
     """The API routes; :func:`app.ui.mount_ui` adds the page. The lifespan starts and stops the engine.
 
     ``exposure``: the ``Host`` names answered to and the origins allowed cross-origin (default:
     loopback names only, no other site). ``listed``: whether ``GET /streams`` lists the live streams
     (default: with ``auth``, or on a loopback-only server). ``attachments`` run beside the server
-    once the engine has started (local sources, the virtual camera), each given the stream hub.
+    once the engine has started (local sources, the virtual camera), each given the stream hub;
+    ``virtual_camera`` (``--virtual-cam``) is told which stream to show over ``/virtual-cam``.
     """
     hub = WhipHub(peers)
     if listed is None:
@@ -160,7 +164,7 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
         return Response(status_code=204)
 
     add_whip_routes(app, hub, exposure.cors_origins)
-    add_stream_routes(app, hub, listed=listed)
+    add_stream_routes(app, hub, listed=listed, virtual_camera=virtual_camera)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -183,6 +187,7 @@ ENDPOINTS = {
     "GET /view/{stream_id}": "a full-window player of a stream (OBS Browser Source)",
     "GET /streams": "the live streams (WHIP and --source) with their WHEP and view URLs",
     "POST /streams/{stream_id}/params": "change a stream's prompt, strength, guidance, seed… (JSON)",
+    "GET, PUT /virtual-cam": "what the virtual camera shows (--virtual-cam); PUT {\"stream\": id or null}",
     "GET /healthz": "liveness and session count",
     "GET /metrics": "Prometheus metrics",
 }

@@ -6,6 +6,7 @@ sources) with their WHEP and ``/view`` URLs, to whoever passes ``--auth``, or to
 server listens on loopback only (everyone who can reach it is on this machine); otherwise 403,
 since a stream's id is what lets one watch it. ``POST /streams/<id>/params``: change a stream's
 parameters as the page's data channel does (same fields, same limits, same replies).
+``GET``/``PUT /virtual-cam``: which stream the virtual camera shows (``--virtual-cam``).
 ``GET /view/<id>``: a bare full-window player of one stream over WHEP, for an OBS Browser Source;
 ``/view/latest`` plays whichever stream started last (where streams are listed), so one Browser
 Source URL keeps working as OBS starts and stops streaming.
@@ -13,21 +14,26 @@ Source URL keeps working as OBS starts and stops streaming.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from app.sdp_limits import BodyTooLarge, media_type, read_body
 from app.webrtc import CONTROL_BURST, CONTROL_RATE, MAX_CONTROL_CHARS, TokenBucket, apply_control
-from app.whip import WhipHub
+from app.whip import NotFound, WhipHub
+
+if TYPE_CHECKING:
+    from app.virtualcam import VirtualCamera
 
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def add_stream_routes(app: FastAPI, hub: WhipHub, *, listed: bool) -> None:
-    """The routes above; ``listed``: whether ``GET /streams`` answers (see the module's note)."""
+def add_stream_routes(app: FastAPI, hub: WhipHub, *, listed: bool, virtual_camera: VirtualCamera | None = None) -> None:
+    """The routes above; ``listed``: whether ``GET /streams`` answers (see the module's note); with a
+    ``virtual_camera``, ``/virtual-cam`` says what it shows (GET) and picks it (PUT ``{"stream": id | null}``)."""
     buckets: dict[str, TokenBucket] = {}  # per stream: the same rate limit as a data channel's
     hub.add_listener(lambda *_: None, lambda stream_id, _: buckets.pop(stream_id, None))
 
@@ -60,6 +66,31 @@ def add_stream_routes(app: FastAPI, hub: WhipHub, *, listed: bool) -> None:
                                "again shortly", {"Retry-After": "1"})
         reply = apply_control(published.session, body.decode("utf-8", errors="replace"))
         return JSONResponse(reply, status_code=200 if reply["type"] == "applied" else 400)
+
+    @app.get("/virtual-cam")
+    async def virtual_cam() -> Response:
+        if virtual_camera is None:
+            return _error(404, "no virtual camera: start diffcam with --virtual-cam")
+        return JSONResponse(virtual_camera.status())
+
+    @app.put("/virtual-cam")
+    async def follow(request: Request) -> Response:
+        if virtual_camera is None:
+            return _error(404, "no virtual camera: start diffcam with --virtual-cam")
+        try:
+            body = json.loads(await read_body(request, 1024))
+        except BodyTooLarge as error:
+            return _error(413, str(error), {"Connection": "close"})
+        except ValueError:
+            body = None
+        stream = body.get("stream", ...) if isinstance(body, dict) else ...
+        if not (stream is None or isinstance(stream, str)):
+            return _error(400, 'send {"stream": "<id>"} to show a stream, or {"stream": null} for the first live one')
+        try:
+            virtual_camera.follow(stream)
+        except NotFound as error:
+            return _error(404, str(error))
+        return JSONResponse(virtual_camera.status())
 
     @app.get("/view/{stream_id}")
     async def view(stream_id: str) -> Response:  # the page reads the id from its own URL
