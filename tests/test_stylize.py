@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from app import stylize
+from app import media, stylize
 
 FPS, WIDTH, HEIGHT, FRAMES, SAMPLE_RATE = 10, 96, 64, 8, 16000
 
@@ -221,10 +221,10 @@ class DelayLine:
     (frozenset({1, 4, 5}), [0, 0, 2, 3, 3, 3, 6, 7]),  # a skipped frame shows the one before it
 ])
 def test_output_frame_i_is_input_frame_i(clip, tmp_path, skip, shown) -> None:
-    source = stylize.FileClip(str(clip))
+    source = media.FileClip(str(clip))
     output = tmp_path / "out.mp4"
     try:
-        with stylize.ClipWriter(output, stylize.FORMATS[".mp4"], WIDTH, HEIGHT, source.rate, source.time_base,
+        with media.ClipWriter(output, media.FORMATS[".mp4"], WIDTH, HEIGHT, source.rate, source.time_base,
                                 source.audio) as writer:
             written = stylize.stylize(DelayLine(steps=3, skip=skip), source.items(WIDTH, HEIGHT, False, None),
                                       writer)
@@ -260,23 +260,23 @@ def _frame(grey: int = 200) -> av.VideoFrame:
 
 
 def test_another_aspect_ratio_is_letterboxed_unless_cropped() -> None:
-    boxed = stylize.picture(_frame(), 64, 64)
+    boxed = media.picture(_frame(), 64, 64)
     assert boxed.shape == (64, 64, 3)
     assert boxed[:8].max() == 0 and boxed[-8:].max() == 0, "black bars above and below"
     assert boxed[32, 40].min() > 150, "the picture in between"
-    cropped = stylize.picture(_frame(), 64, 64, crop=True)
+    cropped = media.picture(_frame(), 64, 64, crop=True)
     assert cropped.shape == (64, 64, 3) and cropped.min() > 150, "covered: no bars"
 
 
 def test_a_rounding_difference_is_stretched_not_boxed() -> None:
-    image = stylize.picture(_frame(), 96, 72)  # 96×64 → 96×72 is more than rounding: bars
+    image = media.picture(_frame(), 96, 72)  # 96×64 → 96×72 is more than rounding: bars
     assert image[:2].max() == 0
-    image = stylize.picture(_frame(), 96, 68)  # under 8 pixels off: stretched, no bars
+    image = media.picture(_frame(), 96, 68)  # under 8 pixels off: stretched, no bars
     assert image.min() > 150
 
 
 def test_a_rotated_video_is_turned_upright(tmp_path) -> None:
-    source = stylize.FileClip(str(write_clip(tmp_path / "turned.mp4", frames=1, audio=None, rotation=90)))
+    source = media.FileClip(str(write_clip(tmp_path / "turned.mp4", frames=1, audio=None, rotation=90)))
     try:
         assert source.shown_size == (HEIGHT, WIDTH)
         first = next(source.items(HEIGHT, WIDTH, False, 1))
@@ -295,20 +295,20 @@ def test_the_frame_count_comes_from_the_header_or_the_duration(clip, tmp_path) -
     no_count = write_clip(tmp_path / "in.mkv", audio=None, video="libvpx-vp9")  # Matroska stores no count
     for path in (clip, no_count):
         with av.open(str(path)) as container:
-            assert stylize.frame_count(container.streams.video[0], container.duration) == FRAMES, path.name
+            assert media.frame_count(container.streams.video[0], container.duration) == FRAMES, path.name
 
 
 def test_the_progress_total_is_what_will_be_stylized() -> None:
-    assert stylize.progress_total(FRAMES, None) == FRAMES
-    assert stylize.progress_total(FRAMES, 5) == 5
-    assert stylize.progress_total(FRAMES, 50) == FRAMES
-    assert stylize.progress_total(None, 5) == 5
-    assert stylize.progress_total(None, None) is None
+    assert media.progress_total(FRAMES, None) == FRAMES
+    assert media.progress_total(FRAMES, 5) == 5
+    assert media.progress_total(FRAMES, 50) == FRAMES
+    assert media.progress_total(None, 5) == 5
+    assert media.progress_total(None, None) is None
 
 
 def test_the_synthetic_clip_runs_for_its_default_length_or_frames() -> None:
-    assert stylize.open_clip("synthetic").frame_count == stylize.SYNTHETIC_FRAMES
-    pictures = list(stylize.open_clip("synthetic", 3).items(64, 64, False, None))
+    assert media.open_clip("synthetic").frame_count == media.SYNTHETIC_FRAMES
+    pictures = list(media.open_clip("synthetic", 3).items(64, 64, False, None))
     assert [picture.time for picture in pictures] == [Fraction(0), Fraction(1, 30), Fraction(2, 30)]
 
 
