@@ -214,11 +214,14 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 class BasicAuth:
-    """HTTP Basic auth in front of everything but ``/healthz`` (the UI, ``/offer``, ``/metrics``).
+    """HTTP Basic auth in front of everything but ``/healthz`` and the ``/view`` player page (the UI,
+    ``/offer``, ``/metrics``, the streams).
 
     WHIP and WHEP clients (OBS among them) only send bearer tokens: on ``/whip`` and ``/whep``
-    ``Authorization: Bearer <password>`` is accepted too. Schemes are case-insensitive (RFC 9110);
-    credentials are compared as UTF-8 bytes, so a password need not be ASCII.
+    ``Authorization: Bearer <password>`` is accepted too, and on ``/client-config``, which the player
+    page (an OBS Browser Source cannot answer a password prompt) reads with the token of its URL's
+    fragment. The player page itself holds nothing: it is served to anyone. Schemes are
+    case-insensitive (RFC 9110); credentials are compared as UTF-8 bytes, so a password need not be ASCII.
     """
 
     def __init__(self, app: ASGIApp, credentials: tuple[str, str]) -> None:
@@ -226,13 +229,14 @@ class BasicAuth:
         self.tokens = {"basic": _basic_token(*credentials), "bearer": credentials[1].encode()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
+        if scope["type"] not in ("http", "websocket") or _open_to_all(scope):
             return await self.app(scope, receive, send)
-        whip = is_whip_path(scope.get("path", ""))
+        path = scope.get("path", "")
+        whip = is_whip_path(path)
         if whip and scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
             return await self.app(scope, receive, send)
         scheme, token = _authorization(scope)
-        accepted = ("basic", "bearer") if whip else ("basic",)
+        accepted = ("basic", "bearer") if whip or path == "/client-config" else ("basic",)
         if scheme in accepted and secrets.compare_digest(token, self.tokens[scheme]):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
@@ -241,6 +245,12 @@ class BasicAuth:
         response = Response("authentication required", status_code=401,
                             headers={"WWW-Authenticate": f'{scheme} realm="diffcam"'})
         await response(scope, receive, send)
+
+
+def _open_to_all(scope: Scope) -> bool:
+    """``/healthz``, and the player page (static: it asks for the stream with its own token)."""
+    path = scope.get("path", "")
+    return path == "/healthz" or (scope.get("method") in ("GET", "HEAD") and path.startswith("/view/"))
 
 
 def _authorization(scope: Scope) -> tuple[str, bytes]:

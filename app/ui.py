@@ -1,5 +1,10 @@
-"""The page: a Gradio app with a WebRTC view (camera picker, start/stop, local preview beside the
-stylized output), live controls that reach the running stream over its data channel, and stats."""
+"""The page: a Gradio app with the stylized output large on the left (the camera preview small in its
+corner) and, on the right, the stream and camera pickers, Start/Stop and the live controls, which reach
+the running stream over its data channel (or, for a listed WHIP stream, over ``/streams/<id>/params``).
+
+The page's behaviour lives in ``static/diffcam.js``; its look in ``static/page.css``, written with
+Gradio's theme variables so that light and dark themes both read well.
+"""
 
 from __future__ import annotations
 
@@ -12,34 +17,41 @@ from engine.config import StreamConfig
 
 STATIC = Path(__file__).resolve().parent / "static"
 
-VIEW = """
-<div id="diffcam">
-  <div class="diffcam-bar">
-    <label>Camera <select id="diffcam-camera"></select></label>
-    <button id="diffcam-start" class="diffcam-button primary">Start</button>
-    <button id="diffcam-stop" class="diffcam-button" disabled>Stop</button>
-    <span id="diffcam-status" data-kind="info">press Start and allow the camera</span>
-  </div>
-  <div class="diffcam-videos">
-    <figure><video id="diffcam-local" autoplay muted playsinline></video><figcaption>camera</figcaption></figure>
-    <figure><video id="diffcam-output" autoplay muted playsinline></video><figcaption>stylized</figcaption></figure>
-  </div>
-  <div id="diffcam-stats">output – fps · latency – · dropped – · skipped –</div>
+#: the output, the camera preview in its corner, and the stats under them
+STAGE = """
+<div id="diffcam-stage" class="mirrored">
+  <video id="diffcam-output" autoplay muted playsinline title="double-click: output only"></video>
+  <video id="diffcam-local" autoplay muted playsinline title="your camera"></video>
+  <button id="diffcam-fullscreen" class="diffcam-button" title="show only the output, full screen">Output only</button>
 </div>
+<div id="diffcam-stats">output – fps · latency – · dropped – · skipped –</div>
 """
 
-CSS = """
-#diffcam .diffcam-bar { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 8px; }
-#diffcam .diffcam-videos { display: flex; gap: 12px; flex-wrap: wrap; }
-#diffcam figure { margin: 0; flex: 1 1 320px; }
-#diffcam video { width: 100%; aspect-ratio: 1; background: #111; border-radius: 8px; object-fit: cover; }
-#diffcam figcaption { font-size: 0.85em; opacity: 0.7; text-align: center; }
-#diffcam .diffcam-button { padding: 6px 16px; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
-#diffcam .diffcam-button.primary { background: #f97316; color: white; border-color: #f97316; }
-#diffcam .diffcam-button:disabled { opacity: 0.4; cursor: default; }
-#diffcam-status[data-kind="error"] { color: #dc2626; font-weight: 600; }
-#diffcam-status[data-kind="ok"] { color: #16a34a; }
-#diffcam-stats { font-family: monospace; margin-top: 6px; }
+#: what to stream and how: stream, camera, Start/Stop, status; a listed stream's player URL
+BAR = """
+<div id="diffcam-bar">
+  <div class="diffcam-row" id="diffcam-streams" hidden>
+    <label for="diffcam-stream">Stream</label>
+    <select id="diffcam-stream"><option value="">my camera</option></select>
+  </div>
+  <div class="diffcam-row" id="diffcam-camera-row">
+    <label for="diffcam-camera">Camera</label>
+    <select id="diffcam-camera"></select>
+  </div>
+  <div class="diffcam-row">
+    <button id="diffcam-start" class="diffcam-button primary">Start</button>
+    <button id="diffcam-stop" class="diffcam-button" disabled>Stop</button>
+    <label class="diffcam-toggle"><input type="checkbox" id="diffcam-mirror" checked> Mirror</label>
+    <label class="diffcam-toggle"><input type="checkbox" id="diffcam-preview" checked> Preview</label>
+  </div>
+  <div id="diffcam-status" data-kind="info" role="status">press Start and allow the camera</div>
+  <div class="diffcam-row" id="diffcam-view-link" hidden>
+    <label for="diffcam-view-url" title="add it to OBS as a Browser Source">Player</label>
+    <input id="diffcam-view-url" readonly>
+    <button id="diffcam-copy" class="diffcam-button">Copy</button>
+  </div>
+  <div id="diffcam-notice" class="diffcam-field-error" hidden></div>
+</div>
 """
 
 #: (component attribute name, stream parameter) for the controls that stream live.
@@ -54,38 +66,50 @@ MAX_UPLOAD = "64kb"
 def mount_ui(app: FastAPI, config: StreamConfig, styles: list[dict], *, random_weights: bool = False) -> FastAPI:
     """Mount the page at ``/`` (after every API route: the mount catches all other paths)."""
     demo = build_blocks(config, styles, random_weights)
-    head = f"<style>{CSS}</style><script>{(STATIC / 'diffcam.js').read_text('utf-8')}</script>"
+    head = f"<script>{(STATIC / 'diffcam.js').read_text('utf-8')}</script>"
     # the page takes no files: refuse uploads past a small form's size (Gradio stores them otherwise)
-    return gr.mount_gradio_app(app, demo, path="/", head=head, footer_links=[], max_file_size=MAX_UPLOAD)
+    return gr.mount_gradio_app(app, demo, path="/", head=head, css=(STATIC / "page.css").read_text("utf-8"),
+                               footer_links=[], max_file_size=MAX_UPLOAD)
 
 
 def build_blocks(config: StreamConfig, styles: list[dict], random_weights: bool) -> gr.Blocks:
-    with gr.Blocks(title="diffcam", analytics_enabled=False) as demo:
-        gr.Markdown("## diffcam — your camera, restyled live")
-        if random_weights:
-            gr.Markdown("**Test model with random weights**: the stylized picture is abstract noise shaped by "
-                        "your camera and the prompt. Run without `--model tiny` for a real model.")
-        gr.HTML(VIEW, js_on_load=None)
-        _wire(_controls(config, styles), styles)
+    with gr.Blocks(title="diffcam", analytics_enabled=False, fill_width=True) as demo:
+        gr.HTML(_title(random_weights), apply_default_css=False, js_on_load=None, elem_id="diffcam-header")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=420):
+                gr.HTML(STAGE, apply_default_css=False, js_on_load=None)
+            with gr.Column(scale=2, min_width=340, elem_id="diffcam-controls"):
+                gr.HTML(BAR, apply_default_css=False, js_on_load=None)
+                _wire(_controls(config, styles), styles)
     return demo
 
 
+def _title(random_weights: bool) -> str:
+    note = (' · <strong>test model with random weights</strong>: expect abstract noise (run without '
+            '<code>--model tiny</code> for a real model)') if random_weights else ""
+    return f'<div id="diffcam-title"><strong>diffcam</strong> — your camera, restyled live{note}</div>'
+
+
 def _controls(config: StreamConfig, styles: list[dict]) -> dict[str, gr.components.Component]:
+    """The live controls, main ones first; each ``elem_id`` is ``diffcam-param-<parameter>``, where the page
+    shows the server's refusal of that parameter."""
+    ids = {name: f"diffcam-param-{field}" for name, field in LIVE_CONTROLS}
     c: dict[str, gr.components.Component] = {}
+    c["style"] = gr.Dropdown([s["name"] for s in styles], value=None, label="Style preset", elem_id="diffcam-style")
+    c["prompt"] = gr.Textbox(value=_text(config.prompt), label="Prompt", lines=2, max_lines=4, elem_id=ids["prompt"])
+    c["strength"] = gr.Slider(0.0, 1.0, value=_strength(config), step=0.01, label="Strength",
+                              info="0 keeps the camera image, 1 re-imagines it", elem_id=ids["strength"])
+    c["negative"] = gr.Textbox(value=config.negative_prompt, label="Negative prompt", elem_id=ids["negative"])
     with gr.Row():
-        c["style"] = gr.Dropdown([s["name"] for s in styles], value=None, label="Style preset")
-        c["prompt"] = gr.Textbox(value=_text(config.prompt), label="Prompt", scale=3)
-        c["negative"] = gr.Textbox(value=config.negative_prompt, label="Negative prompt", scale=2)
+        c["guidance"] = gr.Slider(0.0, 3.0, value=config.guidance_scale, step=0.05, label="Guidance",
+                                  elem_id=ids["guidance"])
+        c["delta"] = gr.Slider(0.0, 2.0, value=config.delta, step=0.05, label="Delta (RCFG)", elem_id=ids["delta"])
     with gr.Row():
-        c["strength"] = gr.Slider(0.0, 1.0, value=_strength(config), step=0.01, label="Strength",
-                                  info="0 keeps the camera image, 1 re-imagines it")
-        c["guidance"] = gr.Slider(0.0, 3.0, value=config.guidance_scale, step=0.05, label="Guidance")
-        c["delta"] = gr.Slider(0.0, 2.0, value=config.delta, step=0.05, label="Delta (RCFG)")
-        c["seed"] = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
-    with gr.Row():
-        c["similarity"] = gr.Checkbox(value=config.similarity_filter, label="Skip near-duplicate frames")
+        c["seed"] = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed", elem_id=ids["seed"])
         c["threshold"] = gr.Slider(0.5, 1.0, value=config.similarity_threshold, step=0.005,
-                                   label="Similarity threshold")
+                                   label="Similarity threshold", elem_id=ids["threshold"])
+    c["similarity"] = gr.Checkbox(value=config.similarity_filter, label="Skip near-duplicate frames",
+                                  elem_id=ids["similarity"])
     return c
 
 

@@ -239,3 +239,33 @@ async def test_https_serves_with_the_self_signed_certificate(tiny, tmp_path) -> 
         async with httpx.AsyncClient(timeout=20) as http:
             with pytest.raises(httpx.ConnectError):  # plain http to an https port, or an untrusting client
                 await http.get(f"https://127.0.0.1:{port}/healthz")
+
+
+async def test_with_auth_the_player_page_is_open_and_reaches_its_stream_with_a_bearer_token(tiny) -> None:
+    """An OBS Browser Source cannot answer a password prompt: /view is static and open, and what it
+    reads (/client-config, /whep) takes the password as a bearer token from the URL's fragment."""
+    async with running_app(tiny, auth=("me", "pw")) as (running, _):
+        publisher = Publisher()
+        response = await publisher.publish(running.url, headers={"Authorization": "Bearer pw"})
+        stream_id = response.headers["location"].rsplit("/", 1)[1]
+        bearer = {"Authorization": "Bearer pw"}
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                page = await http.get("/view/latest")
+                assert page.status_code == 200 and "Bearer" in page.text
+                assert (await http.get("/client-config")).status_code == 401
+                assert (await http.get("/client-config", headers=bearer)).status_code == 200
+                assert (await http.get("/client-config", headers={"Authorization": "Bearer nope"})).status_code == 401
+                assert (await http.get("/streams", headers=bearer)).status_code == 401, "bearer only where needed"
+                assert (await http.post(f"/view/{stream_id}")).status_code in (401, 405), "only GET is open"
+            player = Player()  # what the page does, with its fragment's token
+            try:
+                await player.pc.setLocalDescription(await player.pc.createOffer())
+                async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
+                    answered = await http.post("/whep/latest", content=player.pc.localDescription.sdp,
+                                               headers={**SDP, **bearer})
+                assert answered.status_code == 201 and answered.headers["location"].startswith(f"/whep/{stream_id}/")
+            finally:
+                await player.close()
+        finally:
+            await publisher.pc.close()
