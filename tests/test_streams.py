@@ -269,3 +269,42 @@ async def test_with_auth_the_player_page_is_open_and_reaches_its_stream_with_a_b
                 await player.close()
         finally:
             await publisher.pc.close()
+
+
+def test_the_entry_script_serves_https_with_a_kept_self_signed_certificate(tmp_path) -> None:
+    """``python app/main.py --https``: the certificate is made in the cache folder and the URL printed is https."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_main import ROOT, free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "app/main.py", "--model", "tiny", "--no-ui", "--https",
+                                "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    cert = tmp_path / "diffcam" / "tls" / "cert.pem"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                trusted = ssl.create_default_context(cafile=str(cert))
+                if httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trusted, timeout=1).status_code == 200:
+                    break
+            except (httpx.HTTPError, OSError, ssl.SSLError):
+                pass
+            assert time.monotonic() < deadline, "the server did not come up over https"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode == 0, output
+    assert f"https://127.0.0.1:{port}" in output and (tmp_path / "diffcam" / "tls" / "key.pem").exists()
