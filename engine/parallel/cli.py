@@ -1,0 +1,134 @@
+"""``python -m engine.parallel.asyncdiff``: one picture with AsyncDiff on several devices (or CPU processes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks, run_asyncdiff
+from engine.parallel.costs import COST_KINDS
+from engine.parallel.launch import RankFailed
+from engine.parallel.sampling import SCHEDULERS, GenerationRequest
+
+EXAMPLES = """examples:
+  python -m engine.parallel.asyncdiff --model tiny --procs 2 --steps 25 --width 64 --height 64 --output out.png
+  python -m engine.parallel.asyncdiff --model small --procs 3 --stride 2 --steps 50 --warmup-steps 3 --compare
+  python -m engine.parallel.asyncdiff --model stabilityai/stable-diffusion-2-1 --devices 0,1,2,3 --vae full
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.parallel.asyncdiff", epilog=EXAMPLES,
+                                     description="AsyncDiff (arXiv 2406.06911): the UNet split into k components "
+                                     "on k devices, each fed its predecessor's output from the previous step.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, small, a hub id, a diffusers folder or .safetensors")
+    parser.add_argument("--vae", default="tiny", help="tiny (TAESD) or full (the model's own)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--devices", default=None,
+                       help="one device per rank, comma-separated: cpu,cpu or 0,1 (CUDA indices) or cuda:0,cuda:1")
+    where.add_argument("--procs", type=int, default=None, help="this many CPU processes (default 2)")
+    parser.add_argument("--components", type=int, default=None,
+                        help="UNet components k (default: devices - stride + 1, the paper's rule)")
+    parser.add_argument("--stride", type=int, default=1, choices=[1, 2], help="denoising stride (paper: 1 or 2)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="synchronous steps first (exact; >= 1)")
+    parser.add_argument("--cost", default="measured", choices=COST_KINDS, help="how block costs for the cuts are found")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale; <= 1 turns guidance off")
+    parser.add_argument("--prompt", default="a kitten sitting by a door")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--width", type=int, default=None, help="default: 512, or 64 for tiny and 256 for small")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image", default=None, help="img2img: the input picture")
+    parser.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the schedule runs")
+    parser.add_argument("--output", default="asyncdiff.png", help="where to write the picture")
+    parser.add_argument("--compare", action="store_true", help="also run one device and print PSNR/SSIM against it")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds any one collective may wait")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        ranks, plan, job = build(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        start = time.perf_counter()
+        result = run_asyncdiff(ranks, plan, [job])[0]
+        wall = time.perf_counter() - start
+        reference = run_asyncdiff(_one_device(ranks), AsyncDiffPlan(components=1), [job])[0] if args.compare else None
+    except RankFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _save(result.image, args.output)
+    cuts = " | ".join(",".join(result.blocks[a:b]) for a, b in zip(result.bounds, result.bounds[1:]))
+    print(f"wrote {args.output}: {plan.world_size} ranks, k={plan.components}, stride {plan.stride}, "
+          f"{job.warmup_steps} warm-up steps; denoise+decode {result.seconds:.2f} s (wall {wall:.1f} s)")
+    print(f"components: {cuts}")
+    if reference is not None:
+        from engine.parallel.fidelity import psnr, ssim
+
+        print(f"one device: {reference.seconds:.2f} s, speedup {reference.seconds / result.seconds:.2f}x, "
+              f"PSNR {psnr(result.image, reference.image):.2f} dB, SSIM {ssim(result.image, reference.image):.4f}")
+    return 0
+
+
+def build(args: argparse.Namespace) -> tuple[Ranks, AsyncDiffPlan, AsyncDiffJob]:
+    """The ranks, plan and job the arguments describe; ``ValueError`` naming the flag when they do not fit."""
+    devices = _devices(args)
+    components = args.components if args.components is not None else len(devices) - args.stride + 1
+    if args.stride == 2 and len(devices) < 3:
+        raise ValueError(f"--stride 2 needs at least 3 devices (2 components + 1), got {len(devices)}")
+    plan = AsyncDiffPlan(components=components, stride=args.stride, cost=args.cost)
+    if plan.world_size != len(devices):
+        raise ValueError(f"--components {components} with --stride {args.stride} needs {plan.world_size} devices "
+                         f"(components + stride - 1), got {len(devices)}")
+    default_size = {"tiny": 64, "small": 256}.get(args.model, 512)
+    image = _load(args.image) if args.image else None
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                                guidance_scale=args.guidance_scale, width=args.width or default_size,
+                                height=args.height or default_size, seed=args.seed, scheduler=args.scheduler,
+                                image=image, strength=args.strength)
+    ranks = Ranks(model=args.model, devices=devices, vae=args.vae, dtype=args.dtype, threads=args.threads,
+                  timeout_s=args.timeout, progress=True)
+    return ranks, plan, AsyncDiffJob(request, warmup_steps=args.warmup_steps)
+
+
+def _devices(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.devices:
+        names = [d.strip() for d in args.devices.split(",") if d.strip()]
+        return tuple(f"cuda:{d}" if d.isdigit() else d for d in names)
+    procs = 2 if args.procs is None else args.procs
+    if procs < 1:
+        raise ValueError(f"--procs {procs} must be at least 1")
+    return ("cpu",) * procs
+
+
+def _one_device(ranks: Ranks) -> Ranks:
+    from dataclasses import replace
+
+    return replace(ranks, devices=ranks.devices[:1], progress=False)
+
+
+def _load(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"))
+
+
+def _save(image: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)

@@ -1,0 +1,139 @@
+"""One process per device, started together and torn down together.
+
+:func:`launch` spawns ``world_size`` processes (``torch.multiprocessing``, spawn), joins them
+into one ``torch.distributed`` group, runs ``target`` in each and returns rank 0's result. The
+group meets through a file in a private temporary folder (no listening socket for it); gloo's
+own connections stay on the loopback interface. A rank that raises or dies is reported as
+:class:`RankFailed`, naming the rank and why; the others are stopped (SIGTERM, then SIGKILL
+after ``grace_s``) before it is raised, and a run that outlives ``timeout_s`` is stopped the
+same way. The children also die with this process (daemonic, and on Linux a parent-death
+signal), so a killed driver leaves no ranks behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+RankTarget = Callable[..., Any]  # target(rank, world_size, *args) -> result (rank 0's is returned)
+POLL_S = 0.2
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died, or the run took too long; the message says which rank and why."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How each rank joins the group: ``backend`` gloo (CPU) or nccl (CUDA), ``timeout_s`` per collective.
+
+    ``devices``: rank r's CUDA device is ``devices[r]``; it becomes the rank's current device before
+    the group forms, so NCCL binds to it and everything the rank does on CUDA happens there.
+    """
+
+    backend: str = "gloo"
+    timeout_s: float = 60.0
+    threads: int = 1
+    devices: tuple[str, ...] = ()
+
+
+def launch(target: RankTarget, world_size: int, args: tuple = (), *, group: GroupSpec = GroupSpec(),
+           timeout_s: float = 600.0, grace_s: float = 2.0,
+           started: Callable[[list[int]], None] | None = None) -> Any:
+    """Run ``target(rank, world_size, *args)`` on ``world_size`` ranks; rank 0's return value.
+
+    ``started``, if given, gets the ranks' pids as soon as they exist (tests use it to check
+    that none is left over).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="diffcam-ranks-") as folder:
+        context = mp.start_processes(_rank_entry, args=(world_size, folder, group, target, args),
+                                     nprocs=world_size, join=False, daemon=True, start_method="spawn")
+        if started:
+            started(context.pids())
+        _join(context, timeout_s, grace_s)
+        return pickle.loads(Path(folder, "result.pkl").read_bytes())
+
+
+def _join(context: mp.ProcessContext, timeout_s: float, grace_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=POLL_S, grace_period=grace_s):
+            if time.monotonic() > deadline:
+                raise RankFailed(f"the ranks did not finish within {timeout_s:.0f} s; they were stopped")
+    except mp.ProcessRaisedException as error:
+        raise RankFailed(f"rank {error.error_index} failed; the other ranks were stopped.{error}",
+                         error.error_index) from None
+    except mp.ProcessExitedException as error:
+        how = f"was killed by {error.signal_name}" if error.signal_name else f"exited with code {error.exit_code}"
+        raise RankFailed(f"rank {error.error_index} (pid {error.error_pid}) {how}; the other ranks were stopped",
+                         error.error_index) from None
+    finally:
+        _stop(context, grace_s)
+
+
+def _stop(context: mp.ProcessContext, grace_s: float) -> None:
+    """SIGTERM what is still running, SIGKILL what outlives ``grace_s``, and reap everything."""
+    alive = [p for p in context.processes if p.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, target: RankTarget,
+                args: tuple) -> None:
+    _die_with_parent()
+    torch.set_num_threads(group.threads)
+    if group.backend == "gloo" and sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback only
+    device = torch.device(group.devices[rank]) if group.devices else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        device = None
+    store = dist.FileStore(str(Path(folder, "rendezvous")), world_size)
+    dist.init_process_group(group.backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=group.timeout_s), device_id=device)
+    try:
+        result = target(rank, world_size, *args)
+        if rank == 0:
+            partial = Path(folder, "result.pkl.partial")
+            partial.write_bytes(pickle.dumps(result))
+            partial.rename(Path(folder, "result.pkl"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL this rank when the launching process dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
