@@ -185,7 +185,7 @@ ENDPOINTS = {
     "POST /whip": "WHIP ingest (OBS): an SDP offer in, the stream's resource in Location",
     "POST /whep/{stream_id}": "WHEP viewer of a stream's stylized output",
     "GET /view/{stream_id}": "a full-window player of a stream (OBS Browser Source)",
-    "GET /streams": "the live streams (WHIP and --source) with their WHEP and view URLs",
+    "GET /streams": "the live streams (WHIP and --source): their WHEP and view URLs and parameters",
     "POST /streams/{stream_id}/params": "change a stream's prompt, strength, guidance, seed… (JSON)",
     "GET, PUT /virtual-cam": "what the virtual camera shows (--virtual-cam); PUT {\"stream\": id or null}",
     "GET /healthz": "liveness and session count",

@@ -66,10 +66,20 @@ class Published:
     live: bool = False  # announced to the listeners (negotiated, or a local source registered)
 
     def describe(self, stream_id: str) -> dict[str, Any]:
-        """What ``GET /streams`` says about it."""
+        """What ``GET /streams`` says about it: where to watch it and the parameters it runs with now."""
+        config = self.session.config
+        params = {name: getattr(config, name) for name in SHOWN_PARAMS}
+        params["t_index_list"] = list(config.t_index_list)
+        if not isinstance(config.prompt, str):  # a blend: [[text, weight], ...]
+            params["prompt"] = [list(part) for part in config.prompt]
         return {"id": stream_id, "kind": self.kind, "name": self.name, "viewers": len(self.viewers),
                 "seconds": round(time.monotonic() - self.started, 1),
-                "whep": f"/whep/{stream_id}", "view": f"/view/{stream_id}"}
+                "whep": f"/whep/{stream_id}", "view": f"/view/{stream_id}", "params": params}
+
+
+#: the parameters ``GET /streams`` shows for each stream (those a page or a script may change)
+SHOWN_PARAMS = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed", "similarity_filter",
+                "similarity_threshold")
 
 
 #: called on the event loop when a stream starts or ends: (stream id, the stream)

@@ -70,6 +70,9 @@ async def test_streams_are_listed_and_steered_over_http(tiny, capsys, monkeypatc
                                                                         "params": {"prompt": "a cat", "seed": 7}}
                 assert (session.config.prompt, session.config.seed) == ("a cat", 7)
 
+                now = (await http.get("/streams")).json()["streams"][0]["params"]
+                assert (now["prompt"], now["seed"], now["t_index_list"]) == ("a cat", 7, list(CONFIG.t_index_list))
+
                 refused = await http.post(f"/streams/{stream_id}/params", json={"seed": -5})
                 assert refused.status_code == 400 and refused.json()["fields"] == ["seed"]
                 assert "seed" in refused.json()["error"] and session.config.seed == 7, "nothing changed"
