@@ -27,6 +27,7 @@ async def test_the_page_steers_a_whip_stream_and_the_player_page_plays_it(runnin
         published = await publisher.publish(running.url)
         assert published.status_code == 201, published.text
         stream_id = published.headers["location"].rsplit("/", 1)[1]
+        running.engine.sessions()[0].update(prompt="a stream of its own", seed=11)
         async with chromium() as browser:
             page = await browser.new_page(viewport={"width": 1366, "height": 768})
             await page.goto(running.url, wait_until="load", timeout=60_000)
@@ -39,8 +40,12 @@ async def test_the_page_steers_a_whip_stream_and_the_player_page_plays_it(runnin
             view_url = await page.input_value("#diffcam-view-url")
             assert view_url == f"{running.url}/view/{stream_id}"
 
-            # the controls steer the stream: its session takes the new prompt; a refused seed shows at the seed
+            # the controls show what the stream runs with (OBS's stream was given its own prompt and seed)
             session = running.engine.sessions()[0]
+            assert await page.input_value("#diffcam-param-prompt textarea") == "a stream of its own"
+            assert await page.input_value("#diffcam-param-seed input") == "11"
+
+            # the controls steer the stream: its session takes the new prompt; a refused seed shows at the seed
             assert session.config.prompt != PROMPT
             await page.locator("#diffcam-param-prompt textarea").fill(PROMPT)
             await until(lambda: session.config.prompt == PROMPT, 10.0, "the stream took the page's prompt")

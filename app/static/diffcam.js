@@ -208,6 +208,25 @@
 
   // ---------------------------------------------------------------- live controls
 
+  /** Put a listed stream's parameters (``GET /streams``) in the controls, so they show what it runs with.
+   * Each control then reports its change, which steers the stream to the value it has already. */
+  function showParams(params) {
+    for (const [field, value] of Object.entries(params || {})) {
+      const root = $(`diffcam-param-${field}`);
+      if (!root) continue;  // strength: the stream says t_index_list, which the strength control does not show
+      const text = Array.isArray(value) ? value.map((part) => part[0]).join(", ") : value;
+      const input = root.querySelector("textarea, input[type=range], input[type=number], input[type=checkbox]");
+      if (!input) continue;
+      if (input.type === "checkbox") {
+        if (input.checked !== Boolean(value)) input.click();
+        continue;
+      }
+      input.value = String(text);
+      input.dispatchEvent(new Event("input", { bubbles: true }));
+      input.dispatchEvent(new Event("change", { bubbles: true }));
+    }
+  }
+
   /** Change parameters of what is playing (kept for the next Start as well). */
   function set(params) {
     Object.assign(state.params, params);
@@ -298,6 +317,7 @@
     unwatch(true);
     const watching = (state.watching = { id, pc: null, resource: null, listed });
     showViewLink(listed);
+    showParams(listed && listed.params);
     $("diffcam-camera-row").hidden = true;
     buttons(true);
     status(`connecting to ${listed ? listed.name || id : id}…`);
