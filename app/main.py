@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(model)
     add_backend_argument(model)
     model.add_argument("--trt", action="store_true", help="the same as --backend trt (NVIDIA GPUs)")
+    model.add_argument("--devices", default=None, metavar="LIST",
+                       help="serve on several devices, one process each, sessions spread over them: 0,1 (CUDA "
+                            "indices), cuda:0,cuda:1, or cpu,cpu (default: the one --device)")
+    model.add_argument("--parallel", default="replicas", choices=["replicas"],
+                       help="how several --devices share the work: replicas (each device holds the whole model "
+                            "and serves its own sessions)")
     model.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each call as a CUDA graph (default: on NVIDIA GPUs; --no-graphs runs eagerly)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
@@ -125,11 +131,23 @@ def backend_name(args: argparse.Namespace) -> str:
     return "trt" if args.trt else args.backend
 
 
+def devices(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--devices`` as device names (empty: the one ``--device``); ``ValueError`` saying what is wrong."""
+    from engine.parallel.replicas import parse_devices
+
+    return parse_devices(args.devices) if args.devices else ()
+
+
 def check_backend(args: argparse.Namespace) -> None:
     """Say what the chosen backend lacks before loading anything (TensorRT, CUDA, a compiler)."""
+    from dataclasses import replace
+
     from engine.backends import backend_missing
 
-    missing = backend_missing(backend_name(args), model_spec(args).resolved_device())
+    spec = model_spec(args)
+    if args.devices:
+        spec = replace(spec, device=devices(args)[0])
+    missing = backend_missing(backend_name(args), spec.resolved_device())
     if missing is not None:
         flag = "--trt" if args.trt else f"--backend {args.backend}"
         raise StartupError(f"{flag} needs {missing}")
@@ -140,9 +158,15 @@ def build_engine(args: argparse.Namespace, config: StreamConfig):
     from app.serve import SHUTDOWN_SECONDS
     from engine.runtime import Engine, EngineConfig
 
-    return Engine(EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args), graphs=args.graphs,
-                               max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
-                               shutdown_timeout=SHUTDOWN_SECONDS))
+    names = devices(args)
+    engine_config = EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args), graphs=args.graphs,
+                                 max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
+                                 shutdown_timeout=SHUTDOWN_SECONDS, devices=names)
+    if len(names) > 1:  # --parallel replicas: one process per device
+        from engine.parallel.replicas import ReplicaEngine
+
+        return ReplicaEngine(engine_config)
+    return Engine(engine_config)
 
 
 def load(engine, args: argparse.Namespace) -> None:
