@@ -1,4 +1,5 @@
-"""Several devices for one generation: AsyncDiff (arXiv 2406.06911) on ``torch.distributed``.
+"""Several devices: AsyncDiff (arXiv 2406.06911) for one generation, the UNet sharded for one live
+stream, and whole-model replicas for many streams, on ``torch.distributed`` and plain processes.
 
 - :mod:`engine.parallel.split`: the UNet as blocks with explicit skips, cut into k components;
 - :mod:`engine.parallel.costs`: what each block costs (estimated from shapes, or measured);
@@ -9,4 +10,10 @@
 - :mod:`engine.parallel.cli`: ``python -m engine.parallel.asyncdiff``, one picture from the command line;
 - :mod:`engine.parallel.fidelity`: PSNR and SSIM against the one-device picture;
 - :mod:`engine.parallel.bench`: k processes against one, speed and fidelity.
+- :mod:`engine.parallel.sharded`: one live stream, each UNet component (and its weights) on its own
+  device, fed the previous call's activations (:mod:`engine.parallel.shard_rank`: one rank's work;
+  :mod:`engine.parallel.links`: the point-to-point routes); :mod:`engine.parallel.bench_stream`;
+- :mod:`engine.parallel.replicas`: the whole model in one process per device, sessions spread over
+  them, for the app (``--devices``); ``replica_*``: the session, the child process, the pipe, the
+  shared-memory frame slots.
 """

@@ -1,0 +1,116 @@
+"""Point-to-point links between the ranks of a sharded stream: what goes where each call, and how.
+
+Every call each component's outputs go straight to the ranks that read them (``isend`` /
+``irecv``, not broadcast: a rank gets only what it reads, and component 0's skips for component 2
+do not pass through rank 1). A :class:`Route` names one such message; :func:`activation_routes`
+derives them from the components' ``needs`` and ``gives``. Besides these, rank k−1 sends rank 0
+the noise prediction, and rank 0 sends rank k−1 the finished latents to decode.
+
+Each message kind has its own tag, and each link two buffers: a receive can be posted for call
+c+1 while call c's buffer is still being read (the asynchronous mode computes on what the
+previous call delivered), and a send waits for the one two calls back before reusing its buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from engine.parallel.exchange import Packing
+from engine.parallel.split import Component
+
+HIDDEN = -1  # a route item: the hidden state (skip connections are their ids, 0 and up)
+TAG_ACTIVATIONS, TAG_PREDICTION, TAG_FINISHED, TAG_COMMAND = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Route:
+    """Component ``src``'s outputs that rank ``dst`` reads: ``items`` are :data:`HIDDEN` or skip ids."""
+
+    src: int
+    dst: int
+    items: tuple[int, ...]
+
+
+def activation_routes(components: Sequence[Component]) -> tuple[Route, ...]:
+    """Every message of one call: the hidden state to the next rank, each skip straight to its reader."""
+    routes = []
+    for dst, reader in enumerate(components):
+        for src, writer in enumerate(components[:dst]):
+            items = ((HIDDEN,) if src == dst - 1 else ()) + tuple(s for s in reader.needs if s in writer.gives)
+            if items:
+                routes.append(Route(src, dst, items))
+    return tuple(routes)
+
+
+class Outbox:
+    """Sends one message kind to one rank each call, asynchronously, from two alternating buffers."""
+
+    def __init__(self, packing: Packing, dst: int, tag: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.packing, self.dst, self.tag = packing, dst, tag
+        self._buffers = [torch.empty(packing.numel, device=device, dtype=dtype) for _ in range(2)]
+        self._works: list[dist.Work | None] = [None, None]
+        self._count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffers[0].numel() * self._buffers[0].element_size()
+
+    def send(self, tensors: Sequence[torch.Tensor]) -> None:
+        index = self._count % 2
+        if self._works[index] is not None:
+            self._works[index].wait()  # the send two calls back still reads this buffer
+        self.packing.pack(tensors, self._buffers[index])
+        self._works[index] = dist.isend(self._buffers[index], self.dst, tag=self.tag)
+        self._count += 1
+
+    def flush(self) -> None:
+        for work in self._works:
+            if work is not None:
+                work.wait()
+
+
+class Inbox:
+    """Receives one message kind from one rank each call into two alternating buffers.
+
+    :meth:`post` starts the receive of the next message; :meth:`wait` completes it and makes it
+    :attr:`latest`, which stays readable while the following message is being received.
+    """
+
+    def __init__(self, packing: Packing, src: int, tag: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.packing, self.src, self.tag = packing, src, tag
+        self._buffers = [torch.empty(packing.numel, device=device, dtype=dtype) for _ in range(2)]
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._count = 0
+        self.latest: list[torch.Tensor] | None = None
+
+    def post(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"a receive from rank {self.src} (tag {self.tag}) is already in flight")
+        buffer = self._buffers[self._count % 2]
+        self._pending = (dist.irecv(buffer, self.src, tag=self.tag), buffer)
+        self._count += 1
+
+    def wait(self) -> list[torch.Tensor]:
+        """The message now in flight, once arrived (or :attr:`latest` when none is in flight)."""
+        if self._pending is not None:
+            work, buffer = self._pending
+            work.wait()
+            self._pending = None
+            self.latest = self.packing.unpack(buffer)
+        if self.latest is None:
+            raise RuntimeError(f"nothing received from rank {self.src} (tag {self.tag}) yet")
+        return self.latest
+
+    def receive(self) -> list[torch.Tensor]:
+        """Post and wait: the next message, now."""
+        self.wait_pending()
+        self.post()
+        return self.wait()
+
+    def wait_pending(self) -> None:
+        if self._pending is not None:
+            self.wait()

@@ -1,0 +1,387 @@
+"""One rank of a sharded live stream: its UNet component, and rank 0's and rank k−1's extra duties.
+
+Rank i holds component i's blocks and nothing else of the UNet (the others are replaced by
+parameter-free stand-ins before anything moves to the device). Rank 0 also holds the VAE
+encoder, the text encoder, the time embedding and the stream's state (its slot: latent buffer,
+noise, stock noise, coefficients, prompt embeddings, exactly as :class:`StreamDiffusion` keeps
+them); rank k−1 holds the VAE decoder and ``conv_norm_out``.
+
+One call (:mod:`engine.parallel.sharded` explains the schedule):
+
+- rank 0: encode the new frame, noise it, stack it on the buffer, run component 0 on the stream
+  batch and send its outputs on; wait for rank k−1's noise prediction; apply RCFG and the LCM
+  step (:mod:`engine.step`'s own functions), move the buffer on, and send the finished latents to
+  rank k−1;
+- rank i ≥ 1: run component i on its predecessors' outputs: this call's (synchronous) or the
+  previous call's (asynchronous, already received while the previous call ran);
+- rank k−1: send its output (the noise prediction) to rank 0, receive the finished latents,
+  decode them, and hand the frame to the driver through shared memory.
+
+Rank 0 sends every rank each call's command (point to point, so rank 0 can start a call while rank
+k−1 still decodes the one before). A synchronous call first broadcasts rank 0's time and text
+embeddings to every rank (they change only with the prompt or the schedule, and every change is
+followed by synchronous calls).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.config import StreamConfig
+from engine.models import ModelSpec, load_components
+from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs
+from engine.parallel.exchange import Packing
+from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FINISHED, TAG_PREDICTION, Inbox,
+                                   Outbox, activation_routes)
+from engine.parallel.split import UNetSplit, balanced_bounds
+from engine.quiet import quiet_libraries
+from engine.slots import MATH_DTYPE
+from engine.step import StepModels, _guide, _new_rows, _next_buffer, _next_stock, layout
+from engine.stream import StreamDiffusion
+from engine.vae import decode_latents, encode_latents
+
+OP_CALL, OP_STOP = 0, 1
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank builds: the model, the stream's shape, the cuts' cost kind, fault injection."""
+
+    model: str
+    vae: str
+    dtype: str | None
+    devices: tuple[str, ...]
+    config: StreamConfig
+    cost: str = "estimated"
+    #: (rank, call): that rank kills itself (SIGKILL) at the start of that call. For tests of failure.
+    crash_at: tuple[int, int] | None = None
+
+
+@dataclass
+class Channels:
+    """The driver's side of the data path: commands in, replies out, frames in shared memory."""
+
+    commands: Any  # multiprocessing queue: driver → rank 0
+    replies: Any   # multiprocessing queue: ranks → driver
+    #: two slots each (call c uses slot c mod 2), so the driver can start a call before taking the last one's frame
+    frames: torch.Tensor  # (2, f, 3, H, W) float32 in [0, 1], written by the driver, read by rank 0
+    unit: torch.Tensor    # (2, f, 3, H, W) float32 in [0, 1], written by rank k−1
+    pixels: torch.Tensor  # (2, f, H, W, 3) uint8, written by rank k−1
+
+
+def rank_main(rank: int, world: int, job: RankJob, channels: Channels) -> None:
+    """A rank's whole life: load, prune to its share, report, serve calls until told to stop."""
+    quiet_libraries()
+    with torch.inference_mode():
+        shard = ShardRank(rank, world, job, channels)
+        channels.replies.put(("ready", rank, shard.info()))
+        shard.serve()
+
+
+class ShardRank:
+    """This rank's share of the model and its links to the others; :meth:`serve` runs its calls."""
+
+    def __init__(self, rank: int, world: int, job: RankJob, channels: Channels) -> None:
+        self.rank, self.world, self.job, self.channels = rank, world, job, channels
+        self.last = rank == world - 1
+        config = job.config
+        components = load_components(ModelSpec(model=job.model, vae=job.vae, lcm_lora="none", device="cpu",
+                                               dtype=job.dtype))
+        self.dtype = components.dtype
+        self.device = torch.device(job.devices[rank])
+        self.v_prediction = components.prediction_type == "v_prediction"
+        rows = config.unet_batch_size
+        self.sample_shape = (rows, components.latent_channels, *config.latent_size)
+        self.text_shape = (rows, components.tokenizer.model_max_length, components.unet.config.cross_attention_dim)
+        self.costs, bounds = _cuts(components, config, self.sample_shape, world, job.cost)
+        shapes = _output_shapes(components.unet, bounds, self.sample_shape, self.text_shape[1])
+        self.split = UNetSplit(components.unet, bounds)
+        self.component = self.split.components[rank]
+        _prune(components, self.split, rank, world)
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.to(self.device)
+        components.device = self.device
+        self.vae = components.vae
+        self.stream = StreamDiffusion(components, config) if rank == 0 else None
+        self.models = StepModels(unet=None, vae=components.vae, dtype=self.dtype,  # type: ignore[arg-type]
+                                 v_prediction=self.v_prediction)
+        self.held = _held(components, rank)
+        del components
+        self._links(shapes)
+        self.temb: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None
+        self.calls = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def _links(self, shapes: list[dict[int, torch.Size]]) -> None:
+        routes = activation_routes(self.split.components)
+        latent = torch.Size(self.sample_shape)
+        finished = torch.Size((self.job.config.frame_buffer_size, *latent[1:]))
+        device, dtype = self.device, self.dtype
+        self.outboxes = [Outbox(Packing([shapes[r.src][i] for i in r.items]), r.dst, TAG_ACTIVATIONS, device, dtype)
+                         for r in routes if r.src == self.rank]
+        self.out_items = [r.items for r in routes if r.src == self.rank]
+        self.inboxes = [Inbox(Packing([shapes[r.src][i] for i in r.items]), r.src, TAG_ACTIVATIONS, device, dtype)
+                        for r in routes if r.dst == self.rank]
+        self.in_items = [r.items for r in routes if r.dst == self.rank]
+        last = self.world - 1
+        command = Packing([torch.Size([3])])
+        self.commands_out = [Outbox(command, r, TAG_COMMAND, device, torch.long) for r in range(1, self.world)]
+        self.command_in = Inbox(command, 0, TAG_COMMAND, device, torch.long)
+        if self.rank == 0:
+            self.predictions = Inbox(Packing([latent]), last, TAG_PREDICTION, device, dtype)
+            self.finished_out = Outbox(Packing([finished]), last, TAG_FINISHED, device, MATH_DTYPE)
+        if self.last:
+            self.prediction_out = Outbox(Packing([latent]), 0, TAG_PREDICTION, device, dtype)
+            self.finished_in = Inbox(Packing([finished]), 0, TAG_FINISHED, device, MATH_DTYPE)
+
+    def info(self) -> dict[str, Any]:
+        """What this rank holds and sends: for the driver's report and the tests."""
+        sends = {r.dst: box.nbytes for r, box in zip(activation_routes(self.split.components), self.outboxes)}
+        if self.rank == 0:
+            sends[self.world - 1] = sends.get(self.world - 1, 0) + self.finished_out.nbytes
+        if self.last:
+            sends[0] = sends.get(0, 0) + self.prediction_out.nbytes
+        return {"rank": self.rank, "blocks": tuple(b.name for b in self.component.blocks),
+                "bounds": self.split.bounds, "costs": tuple(self.costs), "sends_bytes": sends, **self.held}
+
+    # ------------------------------------------------------------------ calls
+
+    def serve(self) -> None:
+        while True:
+            command = self._command()
+            if command[0] == OP_STOP:
+                break
+            self._crash_if_asked()
+            sync, slot = bool(command[1]), command[2]
+            if sync:
+                self._share_embeddings()
+            if self.rank == 0:
+                self._first(slot)
+            else:
+                self._later(sync, slot)
+            self.calls += 1
+        self._drain()
+
+    def _drain(self) -> None:
+        """Complete every transfer still in flight (all were matched during the last call) before leaving."""
+        for inbox in self.inboxes:
+            inbox.wait_pending()
+        outboxes = self.outboxes + self.commands_out
+        outboxes += [self.finished_out] if self.rank == 0 else []
+        outboxes += [self.prediction_out] if self.last else []
+        for outbox in outboxes:
+            outbox.flush()
+
+    def _command(self) -> tuple[int, int, int]:
+        """Rank 0 takes the driver's next command (doing updates and resets on the way) and sends it on.
+
+        Point to point, not a collective: rank 0 starts the next call (encode, component 0) while
+        rank k−1 still decodes the last one.
+        """
+        if self.rank != 0:
+            return tuple(int(v) for v in self.command_in.receive()[0].cpu())  # type: ignore[return-value]
+        command = self._next_call()
+        for box in self.commands_out:
+            box.send([command.to(self.device)])
+        return tuple(int(v) for v in command)  # type: ignore[return-value]
+
+    def _next_call(self) -> torch.Tensor:
+        assert self.stream is not None
+        while True:
+            message = self.channels.commands.get()
+            if message[0] == "call":
+                return torch.tensor([OP_CALL, int(message[1]), int(message[2])])
+            if message[0] == "stop":
+                return torch.tensor([OP_STOP, 0, 0])
+            if message[0] == "update":
+                self.stream.apply_config(message[1])
+            elif message[0] == "reset":
+                self.stream.reset()
+
+    def _crash_if_asked(self) -> None:
+        crash = self.job.crash_at
+        if crash is not None and crash == (self.rank, self.calls):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die as a crash would
+
+    def _share_embeddings(self) -> None:
+        """Rank 0's time and text embeddings to every rank (synchronous calls only: they change rarely)."""
+        shared: list[Any] = [None, None]
+        if self.rank == 0:
+            assert self.stream is not None
+            slot = self.stream.slot
+            timesteps = self.stream.slots.timesteps[slot]
+            temb = self.split.embed(timesteps, timesteps.shape[0], self.dtype)
+            shared = [temb.cpu(), self.stream.slots.embeds[slot].cpu()]
+        dist.broadcast_object_list(shared, src=0)
+        self.temb, self.text = (t.to(self.device) for t in shared)
+
+    def _first(self, slot: int) -> None:
+        """Rank 0: encode, component 0, then (once the prediction is back) the stream's own scheduler math."""
+        stream = self.stream
+        assert stream is not None
+        shape = stream.slots.shape
+        index = torch.tensor([stream.slot], device=self.device)
+        state = stream.slots.gather(index)
+        pixels = self.channels.frames[slot].to(self.device)
+        x = torch.cat([_new_rows(self.models, shape, state, pixels), state.buffer], 1)
+        sample = layout(x, shape)
+        self.predictions.post()
+        hidden, gives = self._run(sample.flatten(0, 1).to(self.dtype), {})
+        self._send(hidden, gives)
+        eps = self.predictions.wait()[0].to(MATH_DTYPE).view(sample.shape)
+        if self.v_prediction:  # ε = α·v + β·x, as engine.step._predict
+            eps = layout(state.alpha, shape) * eps + layout(state.beta, shape) * sample
+        eps, stock = _guide(eps, state, shape)
+        x0 = state.c_out * (x - state.beta * eps) / state.alpha + state.c_skip * x
+        buffer = _next_buffer(x0, state, shape.frames)
+        if shape.cfg_type in ("self", "initialize"):
+            stock = _next_stock(eps, stock, state, shape.frames)
+        self.finished_out.send([x0[:, -shape.frames:].flatten(0, 1)])
+        stream.slots.scatter(index, buffer, stock)
+
+    def _later(self, sync: bool, slot: int) -> None:
+        """Rank i ≥ 1: component i on this call's inputs (sync) or the previous call's (async)."""
+        hidden, skips = self._inputs(sync)
+        hidden, gives = self._run(hidden, skips)
+        if not self.last:
+            self._send(hidden, gives)
+            return
+        self.prediction_out.send([hidden])
+        finished = self.finished_in.receive()[0]
+        decoded = decode_latents(self.vae, finished.to(self.dtype))
+        unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)  # as engine.step.stream_step
+        pixels = unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        self.channels.unit[slot].copy_(unit.cpu())
+        self.channels.pixels[slot].copy_(pixels.cpu())
+        self.channels.replies.put(("frame", self.calls, bool(torch.isfinite(decoded).all())))
+
+    def _inputs(self, sync: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        found: dict[int, torch.Tensor] = {}
+        for box, items in zip(self.inboxes, self.in_items):
+            if sync:
+                tensors = box.receive()
+            else:  # what arrived while the previous call ran; this call's outputs arrive for the next
+                box.wait_pending()
+                tensors = box.wait()
+                box.post()
+            found.update(zip(items, tensors))
+        hidden = found.pop(HIDDEN)
+        return hidden, found
+
+    def _run(self, hidden: torch.Tensor, skips: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        assert self.temb is not None and self.text is not None
+        size = tuple(self.sample_shape[-2:])
+        return self.split.run(self.rank, hidden, skips, self.temb, self.text, size)  # type: ignore[arg-type]
+
+    def _send(self, hidden: torch.Tensor, gives: dict[int, torch.Tensor]) -> None:
+        outputs = {HIDDEN: hidden, **gives}
+        for box, items in zip(self.outboxes, self.out_items):
+            box.send([outputs[i] for i in items])
+
+
+# ---------------------------------------------------------------------- building a rank
+
+
+def _cuts(components, config: StreamConfig, sample_shape: tuple[int, ...], world: int,
+          cost: str) -> tuple[list[float], tuple[int, ...]]:
+    """Per-block costs and balanced cuts, the same on every rank.
+
+    ``estimated``: multiply-accumulates of the UNet blocks, computed alike everywhere. ``measured``:
+    rank 0 times each block on the stream batch, adds the VAE encode to the first block and the
+    decode to the last (rank 0 and rank k−1 run them), and shares the cuts.
+    """
+    unet = components.unet
+    text_tokens = components.tokenizer.model_max_length
+    if cost == "estimated":
+        costs = estimate_costs(unet, sample_shape, text_tokens)
+        return costs, balanced_bounds(costs, world)
+    shared: list[Any] = [None]
+    if dist.get_rank() == 0:
+        costs = _measured_costs(components, config, sample_shape, text_tokens)
+        shared = [(costs, balanced_bounds(costs, world))]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def _measured_costs(components, config: StreamConfig, sample_shape, text_tokens: int) -> list[float]:
+    """Seconds per block on this stream batch, the VAE encode added to the first and the decode to the last."""
+    unet = components.unet
+    sample = torch.randn(*sample_shape, dtype=components.dtype)
+    text = torch.randn(sample_shape[0], text_tokens, unet.config.cross_attention_dim, dtype=components.dtype)
+    costs = measure_costs(UNetSplit(unet), sample, 500, text)
+    frames = torch.rand(config.frame_buffer_size, 3, config.height, config.width, dtype=components.dtype)
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        latents = encode_latents(components.vae, frames)
+        middle = time.perf_counter()
+        decode_latents(components.vae, latents)
+        timings.append((middle - start, time.perf_counter() - middle))
+    encode, decode = sorted(timings)[1]
+    costs[0] += encode
+    costs[-1] += decode
+    return costs
+
+
+@torch.inference_mode()
+def _output_shapes(unet, bounds, sample_shape, text_tokens: int) -> list[dict[int, torch.Size]]:
+    """Each component's outputs (hidden state and skips given) on the stream batch, traced on the meta device."""
+    meta = UNetSplit(_meta_copy(unet), bounds)
+    rows = sample_shape[0]
+    hidden = torch.empty(*sample_shape, device="meta")
+    text = torch.empty(rows, text_tokens, unet.config.cross_attention_dim, device="meta")
+    temb = meta.embed(torch.zeros((), device="meta"), rows, torch.float32)
+    shapes: list[dict[int, torch.Size]] = []
+    skips: dict[int, torch.Tensor] = {}
+    for component in meta.components:
+        hidden, gives = meta.run(component.index, hidden, skips, temb, text, tuple(sample_shape[-2:]))
+        skips.update(gives)
+        shapes.append({HIDDEN: hidden.shape, **{s: t.shape for s, t in gives.items()}})
+    return shapes
+
+
+def _prune(components, split: UNetSplit, rank: int, world: int) -> None:
+    """Drop every weight this rank does not run: other components' blocks, and the VAE and text parts of others."""
+    unet = components.unet
+    mine = {b.name for b in split.components[rank].blocks}
+    for block in split.blocks:
+        if block.name not in mine:
+            unet.set_submodule(block.name, nn.Identity())
+    if rank != 0:
+        unet.time_embedding = nn.Identity()  # rank 0 embeds the timesteps and shares the result
+        components.text_encoder = _Dropped()
+    if rank != world - 1 and unet.conv_norm_out is not None:
+        unet.conv_norm_out = nn.Identity()  # part of the output block (run_block applies it before conv_out)
+    vae = components.vae
+    for name in ("encoder", "quant_conv") if rank != 0 else ():
+        if getattr(vae, name, None) is not None:
+            setattr(vae, name, nn.Identity())
+    for name in ("decoder", "post_quant_conv") if rank != world - 1 else ():
+        if getattr(vae, name, None) is not None:
+            setattr(vae, name, nn.Identity())
+
+
+class _Dropped(nn.Module):
+    """A text encoder this rank does not hold (only rank 0 encodes prompts)."""
+
+
+def _held(components, rank: int) -> dict[str, int]:
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters()) if isinstance(module, nn.Module) else 0
+
+    vae = components.vae
+    return {"unet_parameters": count(components.unet),
+            "vae_encoder_parameters": count(getattr(vae, "encoder", None)) + count(getattr(vae, "quant_conv", None)),
+            "vae_decoder_parameters": count(getattr(vae, "decoder", None))
+            + count(getattr(vae, "post_quant_conv", None)),
+            "text_encoder_parameters": count(components.text_encoder)}
