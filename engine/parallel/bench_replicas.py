@@ -1,0 +1,137 @@
+"""Replicas against one process: the frames per second S live streams get, all together.
+
+    python -m engine.parallel.bench_replicas --json out/replicas.json
+
+For each number of streams S, the same streams run on one :class:`~engine.runtime.Engine` in this
+process (its worker batches them into shared calls) and on a
+:class:`~engine.parallel.replicas.ReplicaEngine` with one process per ``--devices`` entry, each
+with ``--threads`` torch threads (this process gets as many, so that on a CPU each process
+stands for one device). Every stream is offered frames faster than it can take them (the newest
+wins), so the count of outputs in the timed window is the capacity; a warm-up window first
+fills every pipeline and the first calls of each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import StreamConfig, parse_t_index_list
+from engine.models import ModelSpec
+from engine.parallel.replicas import ReplicaEngine, parse_devices
+from engine.quiet import quiet_libraries
+from engine.runtime import Engine, EngineConfig
+from engine.synthetic import moving_frames
+
+#: how often each stream is offered a new frame: faster than any of them is served here
+OFFER_SECONDS = 0.005
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.parallel.bench_replicas", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", help="preset or model (default: small)")
+    parser.add_argument("--size", type=int, default=128, help="square frame size (default: 128)")
+    parser.add_argument("--t-index-list", default="32,45", help="denoising steps out of 50 (default: 32,45)")
+    parser.add_argument("--sessions", default="2,4", help="stream counts to measure (default: 2,4)")
+    parser.add_argument("--devices", default="cpu,cpu", help="one replica process each (default: cpu,cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row (default: 15)")
+    parser.add_argument("--warmup", type=float, default=8.0, help="untimed seconds first (default: 8)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser
+
+
+async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup: float, seconds: float) -> dict:
+    """``streams`` sessions offered frames without pause; their outputs counted over ``seconds`` after ``warmup``."""
+    sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
+    frames = moving_frames(30, size, size)
+    start = time.monotonic()
+    counting_from, until = start + warmup, start + warmup + seconds
+    counts = [0] * streams
+
+    async def offer(session: Any, offset: int) -> None:
+        index = offset
+        while time.monotonic() < until:
+            session.submit(frames[index % len(frames)])
+            index += 1
+            await asyncio.sleep(OFFER_SECONDS)
+
+    async def consume(session: Any, which: int) -> None:
+        while time.monotonic() < until:
+            try:
+                await asyncio.wait_for(session.next_output(), max(0.01, until - time.monotonic()))
+            except asyncio.TimeoutError:
+                return
+            if time.monotonic() >= counting_from:
+                counts[which] += 1
+
+    try:
+        await asyncio.gather(*(offer(s, 7 * i) for i, s in enumerate(sessions)),
+                             *(consume(s, i) for i, s in enumerate(sessions)))
+    finally:
+        for session in sessions:
+            session.close()
+    per_stream = [count / seconds for count in counts]
+    return {"fps": sum(per_stream), "min_stream_fps": min(per_stream), "max_stream_fps": max(per_stream)}
+
+
+async def measure(args: argparse.Namespace, engine: Engine | ReplicaEngine, counts: list[int]) -> list[dict]:
+    rows = []
+    async with engine:
+        for streams in counts:
+            print(f"  {type(engine).__name__}, {streams} streams, {args.warmup + args.seconds:.0f} s ...",
+                  file=sys.stderr)
+            rows.append({"streams": streams, **await drive(engine, streams, args.size, args.warmup, args.seconds)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        devices = parse_devices(args.devices)
+        counts = [int(part) for part in args.sessions.split(",")]
+        config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=args.size,
+                              height=args.size, cfg_type="self", guidance_scale=1.2)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    biggest = max(counts)
+    spec = ModelSpec(model=args.model, device=str(torch.device(devices[0]).type))
+    one = Engine(EngineConfig(model=spec, stream=config, max_sessions=biggest, max_batch=biggest, idle_timeout=60))
+    many = ReplicaEngine(EngineConfig(model=spec, stream=config, max_sessions=biggest * len(devices),
+                                      max_batch=biggest, idle_timeout=60, devices=devices), threads=args.threads)
+    one.load()
+    single = asyncio.run(measure(args, one, counts))
+    many.load()
+    replicated = asyncio.run(measure(args, many, counts))
+
+    rows = []
+    print(f"\n{'streams':>7} {'one process fps':>15} {f'{len(devices)} replicas fps':>16} {'speedup':>7} "
+          f"{'replica stream min/max':>22}")
+    print("-" * 72)
+    for a, b in zip(single, replicated):
+        speedup = b["fps"] / a["fps"] if a["fps"] else float("nan")
+        rows.append({"streams": a["streams"], "one": a, "replicas": b, "speedup": speedup})
+        print(f"{a['streams']:>7} {a['fps']:>15.2f} {b['fps']:>16.2f} {speedup:>6.2f}x "
+              f"{b['min_stream_fps']:>10.2f}/{b['max_stream_fps']:<10.2f}")
+    print(f"\n{args.model} {args.size}x{args.size} t_index_list={args.t_index_list}, {args.threads} thread(s) per "
+          f"process, devices {','.join(devices)}, torch {torch.__version__}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
