@@ -76,6 +76,17 @@ def wait_for_server(process: subprocess.Popen, port: int, seconds: float = 90) -
         time.sleep(0.2)
 
 
+def stop_with_ctrl_c(process: subprocess.Popen, timeout: float = 20) -> str:
+    """Stop the server started as ``process`` as Ctrl+C does (killed if it takes over ``timeout`` s); its output."""
+    process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
 def test_the_entry_script_serves_the_page_and_stops_cleanly() -> None:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -88,12 +99,7 @@ def test_the_entry_script_serves_the_page_and_stops_cleanly() -> None:
         config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=10).json()
         assert "diffcam-start" in str(config) and "window.diffcam" in config.get("head", "")
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = stop_with_ctrl_c(process)
     assert process.returncode == 0, output
     assert "random weights" in output and f"open http://127.0.0.1:{port}" in output
 

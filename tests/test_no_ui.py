@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from app.client import Client, SyntheticCamera
 from app.serve import build_app
 from engine.config import StreamConfig
 from engine.synthetic import moving_frame
-from tests.test_main import free_port, wait_for_server
+from tests.test_main import free_port, stop_with_ctrl_c, wait_for_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -141,12 +140,7 @@ def test_the_entry_script_serves_headless_with_gradio_blocked() -> None:
         root = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert root.status_code == 200 and "POST /offer" in root.json()["endpoints"], root.text
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = stop_with_ctrl_c(process)
     assert process.returncode == 0, output
     assert f"serving http://127.0.0.1:{port} without a page" in output, output
     assert f"http://127.0.0.1:{port}/offer" in output and f"http://127.0.0.1:{port}/whip" in output, output

@@ -321,14 +321,13 @@ async def test_the_app_serves_webrtc_peers_from_replicas() -> None:
 def test_the_entry_script_serves_replicas_on_several_devices_and_stops_them_all() -> None:
     """``python app/main.py --devices cpu,cpu``: two replica processes behind one server; Ctrl+C ends them all."""
     import os
-    import signal
     import subprocess
     import sys
 
     import httpx
     import psutil
 
-    from tests.test_main import ROOT, free_port, wait_for_server
+    from tests.test_main import ROOT, free_port, stop_with_ctrl_c, wait_for_server
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -342,12 +341,7 @@ def test_the_entry_script_serves_replicas_on_several_devices_and_stops_them_all(
         replicas = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
         assert len(replicas) == 2, f"one process per device: {[c.cmdline() for c in children]}"
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = stop_with_ctrl_c(process, timeout=30)
     assert process.returncode == 0, output
     assert "2 replica processes" in output, output
     _, alive = psutil.wait_procs(children, timeout=10)  # multiprocessing's resource tracker may take a moment

@@ -277,12 +277,11 @@ async def test_with_auth_the_player_page_is_open_and_reaches_its_stream_with_a_b
 def test_the_entry_script_serves_https_with_a_kept_self_signed_certificate(tmp_path) -> None:
     """``python app/main.py --https``: the certificate is made in the cache folder and the URL printed is https."""
     import os
-    import signal
     import subprocess
     import sys
     import time
 
-    from tests.test_main import ROOT, free_port
+    from tests.test_main import ROOT, free_port, stop_with_ctrl_c
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path)}
@@ -303,11 +302,6 @@ def test_the_entry_script_serves_https_with_a_kept_self_signed_certificate(tmp_p
             assert time.monotonic() < deadline, "the server did not come up over https"
             time.sleep(0.2)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = stop_with_ctrl_c(process)
     assert process.returncode == 0, output
     assert f"https://127.0.0.1:{port}" in output and (tmp_path / "diffcam" / "tls" / "key.pem").exists()
