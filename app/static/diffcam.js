@@ -165,6 +165,7 @@
     // what the controls say, one message per parameter: a refused one does not hold the others back
     channel.onopen = () => Object.entries(state.params).forEach(([field, value]) => send({ [field]: value }));
     channel.onmessage = (event) => {
+      if (channel !== state.channel) return;  // already queued when Stop closed it
       const msg = JSON.parse(event.data);
       if (msg.type === "stats") showStats(msg);
       else answered(msg, state.lastSent);
