@@ -34,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--devices", default=None, metavar="LIST",
                        help="serve on several devices, one process each, sessions spread over them: 0,1 (CUDA "
                             "indices), cuda:0,cuda:1, or cpu,cpu (default: the one --device)")
-    model.add_argument("--parallel", default="replicas", choices=["replicas"],
+    model.add_argument("--parallel", default="replicas", choices=["replicas", "asyncdiff"],
                        help="how several --devices share the work: replicas (each device holds the whole model "
-                            "and serves its own sessions)")
+                            "and serves its own sessions: more streams) or asyncdiff (one stream at a time, its "
+                            "UNet split over the devices, AsyncDiff-style: a faster stream)")
+    model.add_argument("--resync-every", type=int, default=None, metavar="N",
+                       help="--parallel asyncdiff: run every N-th call synchronously, so stale activations never "
+                            "build up (default: only at the start and after a change)")
     model.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each call as a CUDA graph (default: on NVIDIA GPUs; --no-graphs runs eagerly)")
     stream = parser.add_argument_group("stream (the page can change the live ones)")
@@ -162,6 +166,17 @@ def build_engine(args: argparse.Namespace, config: StreamConfig):
     engine_config = EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args), graphs=args.graphs,
                                  max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                                  shutdown_timeout=SHUTDOWN_SECONDS, devices=names)
+    if args.resync_every is not None and (len(names) < 2 or args.parallel != "asyncdiff"):
+        raise ValueError("--resync-every applies to --parallel asyncdiff with several --devices")
+    if len(names) > 1 and args.parallel == "asyncdiff":  # one stream, its UNet split: one process per device
+        from engine.parallel.sharded_engine import ShardedEngine
+
+        if len(args.source or ()) > 1:
+            raise ValueError(f"--parallel asyncdiff serves one stream at a time; {len(args.source)} --source "
+                             "given: keep one, or use --parallel replicas")
+        if args.resync_every is not None and args.resync_every < 1:
+            raise ValueError(f"--resync-every {args.resync_every} must be at least 1")
+        return ShardedEngine(engine_config, resync_every=args.resync_every)
     if len(names) > 1:  # --parallel replicas: one process per device
         from engine.parallel.replicas import ReplicaEngine
 
@@ -198,7 +213,7 @@ def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
     return (f"model {components.name}{weights}\n"
             f"  {components.device} {str(components.dtype).replace('torch.', '')}, backend {engine.backend}, "
             f"{config.width}x{config.height}, t_index_list={list(config.t_index_list)} "
-            f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {args.max_sessions} streams")
+            f"({config.denoising_steps} steps), cfg {config.cfg_type}, up to {engine.config.max_sessions} streams")
 
 
 def main(argv: list[str] | None = None) -> int:

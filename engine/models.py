@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -179,6 +179,18 @@ def _components_from_pipeline(pipe, vae, name: str, device: torch.device, dtype:
         device=device,
         dtype=dtype,
     )
+
+
+def local_model(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with a hub id replaced by its snapshot folder in the local cache, fetched here if need be.
+
+    For processes that each load the model (the ranks of a sharded stream): the model is
+    downloaded once, and a missing one fails here with one :class:`ModelUnavailableError`
+    instead of in every process.
+    """
+    if is_preset(spec.model) or _looks_like_path(spec.model) or Path(spec.model).expanduser().exists():
+        return spec
+    return replace(spec, model=resolve_hub_snapshot(spec.model, _PIPELINE_FILES, spec.cache_dir))
 
 
 def hub_offline() -> bool:

@@ -32,7 +32,7 @@ from engine.graphs import prepared_runner
 from engine.metrics import EngineMetrics, engine_snapshot, prometheus_text
 from engine.models import ModelSpec, load_components
 from engine.prompts import PromptEncoder
-from engine.session import EngineBusyError, Session
+from engine.session import EngineBusyError, Session, reap_idle
 from engine.slots import StreamSlots
 from engine.step import step_models
 from engine.stream import StreamDiffusion
@@ -151,7 +151,8 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         if not self._workers:
             await asyncio.to_thread(self.load)
-        self._reaper = asyncio.create_task(self._reap_idle(), name="diffcam-engine-reaper")
+        self._reaper = asyncio.create_task(reap_idle(self.sessions, self.config.idle_timeout, self.metrics),
+                                           name="diffcam-engine-reaper")
 
     def _set_up(self, device: torch.device) -> DeviceModel:
         """On ``device``'s worker: the model loaded, its backend prepared, every call size ready."""
@@ -279,17 +280,6 @@ class Engine:
         if worker is not None:
             worker.remove(session)
             worker.submit(session.stream.close)  # its slot is freed between rounds, by the slot's owner
-
-    async def _reap_idle(self) -> None:
-        """Close sessions whose consumer went away (nobody read or waited for ``idle_timeout``)."""
-        period = min(1.0, self.config.idle_timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            for session in list(self._sessions.values()):
-                if session.idle_for() > self.config.idle_timeout:
-                    log.info("closing idle session %s", session.id)
-                    self.metrics.sessions_expired += 1
-                    session.close()
 
 
 def _open_stream(worker: Worker, config: StreamConfig) -> StreamDiffusion:

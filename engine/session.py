@@ -14,12 +14,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+import logging
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from engine.config import StreamConfig, updated_config
 from engine.image import Frame
-from engine.metrics import SessionMetrics
+from engine.metrics import EngineMetrics, SessionMetrics
 from engine.stream import StreamDiffusion
+
+log = logging.getLogger(__name__)
 
 
 class EngineBusyError(RuntimeError):
@@ -57,7 +60,80 @@ class PendingFrame:
     submitted_at: float
 
 
-class Session:
+class OutputMailbox:
+    """The output side of every kind of session: one slot, the newest output wins.
+
+    Filled on the event loop (:meth:`_put`, from a worker thread through ``call_soon_threadsafe``);
+    read with ``await next_output()``. A subclass sets ``closed`` and ``metrics`` and says what
+    a closed session raises (:meth:`_closed_error`).
+    """
+
+    closed: bool
+    metrics: SessionMetrics
+
+    def __init__(self) -> None:
+        self._output: Output | FrameError | None = None
+        self._output_ready = asyncio.Event()
+        self._waiters = 0
+        self._last_consumed = time.monotonic()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _closed_error(self) -> SessionClosedError:
+        raise NotImplementedError
+
+    async def next_output(self) -> Output:
+        """The newest stylized frame; raises :class:`FrameError` for a failed frame, then goes on."""
+        self._waiters += 1
+        try:
+            while self._output is None:
+                if self.closed:
+                    raise self._closed_error()
+                self._output_ready.clear()
+                await self._output_ready.wait()
+        finally:
+            self._waiters -= 1
+            self._last_consumed = time.monotonic()
+        item, self._output = self._output, None
+        if isinstance(item, FrameError):
+            raise item
+        return item
+
+    async def outputs(self) -> AsyncIterator[Output]:
+        """Iterate outputs until the session closes (frame errors are skipped)."""
+        while True:
+            try:
+                yield await self.next_output()
+            except FrameError:
+                continue
+            except SessionClosedError:
+                return
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since a consumer last read or waited for an output (0 while one waits)."""
+        if self._waiters:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._last_consumed
+
+    def _put(self, item: Output | FrameError) -> None:
+        """Put an output or a frame error in the slot (on the event loop; the newest wins)."""
+        if self.closed:
+            return
+        if isinstance(item, Output):
+            self.metrics.outputs += 1
+            self.metrics.output_rate.tick()
+            if isinstance(self._output, Output):
+                self.metrics.outputs_dropped += 1
+        self._output = item
+        self._output_ready.set()
+
+    def _wake_readers(self) -> None:
+        """Let every ``next_output`` waiter see that the session closed (on the event loop)."""
+        self._output_ready.set()
+
+
+class Session(OutputMailbox):
     """Handle to one stream. Create it with :meth:`engine.runtime.Engine.open_session`."""
 
     def __init__(self, session_id: str, stream: StreamDiffusion, loop: asyncio.AbstractEventLoop,
@@ -74,11 +150,8 @@ class Session:
         self._latest_config = stream.config  # what update() builds on: pending updates included
         self._in_flight: deque[PendingFrame] = deque()
         self._ids = itertools.count()
-        self._output: Output | FrameError | None = None
-        self._output_ready = asyncio.Event()
-        self._waiters = 0
-        self._last_consumed = time.monotonic()
         self.closed = False
+        super().__init__()
 
     # ------------------------------------------------------------ caller side (event loop)
 
@@ -108,39 +181,6 @@ class Session:
             self._latest_config = self._pending_config = new
         return new
 
-    async def next_output(self) -> Output:
-        """The newest stylized frame; raises :class:`FrameError` for a failed frame, then goes on."""
-        self._waiters += 1
-        try:
-            while self._output is None:
-                if self.closed:
-                    raise SessionClosedError(f"session {self.id} is closed")
-                self._output_ready.clear()
-                await self._output_ready.wait()
-        finally:
-            self._waiters -= 1
-            self._last_consumed = time.monotonic()
-        item, self._output = self._output, None
-        if isinstance(item, FrameError):
-            raise item
-        return item
-
-    async def outputs(self) -> AsyncIterator[Output]:
-        """Iterate outputs until the session closes (frame errors are skipped)."""
-        while True:
-            try:
-                yield await self.next_output()
-            except FrameError:
-                continue
-            except SessionClosedError:
-                return
-
-    def idle_for(self, now: float | None = None) -> float:
-        """Seconds since a consumer last read or waited for an output (0 while one waits)."""
-        if self._waiters:
-            return 0.0
-        return (time.monotonic() if now is None else now) - self._last_consumed
-
     def close(self) -> None:
         """Stop the session and free its stream state. Idempotent; call on the event loop."""
         if self.closed:
@@ -150,7 +190,10 @@ class Session:
             self._pending = None
             self._in_flight.clear()
         self._on_close(self)
-        self._output_ready.set()
+        self._wake_readers()
+
+    def _closed_error(self) -> SessionClosedError:
+        return SessionClosedError(f"session {self.id} is closed")
 
     # ------------------------------------------------------------ worker side (worker thread)
 
@@ -211,18 +254,20 @@ class Session:
         return latency
 
     def _deliver(self, item: Output | FrameError) -> None:
-        if isinstance(item, Output):
-            self.metrics.outputs += 1
-            self.metrics.output_rate.tick()
         try:
             self._loop.call_soon_threadsafe(self._put, item)
         except RuntimeError:  # the loop is closed: nobody is left to read it
             pass
 
-    def _put(self, item: Output | FrameError) -> None:
-        if self.closed:
-            return
-        if isinstance(self._output, Output):
-            self.metrics.outputs_dropped += 1
-        self._output = item
-        self._output_ready.set()
+
+async def reap_idle(sessions: Callable[[], Iterable[OutputMailbox]], idle_timeout: float,
+                    metrics: EngineMetrics) -> None:
+    """Close sessions whose consumer went away (nobody read or waited for ``idle_timeout``); runs until cancelled."""
+    period = min(1.0, idle_timeout / 4)
+    while True:
+        await asyncio.sleep(period)
+        for session in list(sessions()):
+            if session.idle_for() > idle_timeout:
+                log.info("closing idle session %s", getattr(session, "id", "?"))
+                metrics.sessions_expired += 1
+                session.close()

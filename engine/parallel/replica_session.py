@@ -11,19 +11,19 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.config import StreamConfig, updated_config
 from engine.image import Frame
 from engine.metrics import SessionMetrics
 from engine.parallel.replica_frames import SLOTS, FrameSlots, to_model_rgb
-from engine.session import FrameError, Output, SessionClosedError
+from engine.session import FrameError, Output, OutputMailbox, SessionClosedError
 
 if TYPE_CHECKING:
     from engine.parallel.replica_link import ReplicaLink
 
 
-class ReplicaSession:
+class ReplicaSession(OutputMailbox):
     """One stream served by a replica process; the :class:`~engine.session.Session` interface."""
 
     def __init__(self, session_id: str, config: StreamConfig, link: ReplicaLink, loop: asyncio.AbstractEventLoop,
@@ -43,11 +43,8 @@ class ReplicaSession:
         self._front_dropped = 0
         self.in_frames = FrameSlots.create(f"{link.process.pid}-{session_id}-in", config.height, config.width)
         self.out_frames = FrameSlots.create(f"{link.process.pid}-{session_id}-out", config.height, config.width)
-        self._output: Output | FrameError | None = None
-        self._output_ready = asyncio.Event()
-        self._waiters = 0
-        self._last_consumed = time.monotonic()
         self._end_reason = f"session {session_id} is closed"
+        super().__init__()
 
     # ------------------------------------------------------------ the caller's side (event loop)
 
@@ -81,39 +78,6 @@ class ReplicaSession:
             self.link.post(("update", self.id, params))  # under the lock: updates reach the replica in order
         return new
 
-    async def next_output(self) -> Output:
-        """The newest stylized frame; raises :class:`FrameError` for a failed frame, then goes on."""
-        self._waiters += 1
-        try:
-            while self._output is None:
-                if self.closed:
-                    raise SessionClosedError(self._end_reason)
-                self._output_ready.clear()
-                await self._output_ready.wait()
-        finally:
-            self._waiters -= 1
-            self._last_consumed = time.monotonic()
-        item, self._output = self._output, None
-        if isinstance(item, FrameError):
-            raise item
-        return item
-
-    async def outputs(self) -> AsyncIterator[Output]:
-        """Iterate outputs until the session closes (frame errors are skipped)."""
-        while True:
-            try:
-                yield await self.next_output()
-            except FrameError:
-                continue
-            except SessionClosedError:
-                return
-
-    def idle_for(self, now: float | None = None) -> float:
-        """Seconds since a consumer last read or waited for an output (0 while one waits)."""
-        if self._waiters:
-            return 0.0
-        return (time.monotonic() if now is None else now) - self._last_consumed
-
     def close(self) -> None:
         """Stop the session, tell its replica, unlink its shared memory. Idempotent; on the event loop."""
         self.end(None)
@@ -133,19 +97,14 @@ class ReplicaSession:
             self.in_frames.release()
             self.out_frames.release()
         self._on_close(self)
-        self._output_ready.set()
+        self._wake_readers()
 
     def deliver(self, item: Output | FrameError) -> None:
         """Put an output or a frame error in the output slot (on the loop; the newest wins)."""
-        if self.closed:
-            return
-        if isinstance(item, Output):
-            self.metrics.outputs += 1
-            self.metrics.output_rate.tick()
-            if isinstance(self._output, Output):
-                self.metrics.outputs_dropped += 1
-        self._output = item
-        self._output_ready.set()
+        self._put(item)
+
+    def _closed_error(self) -> SessionClosedError:
+        return SessionClosedError(self._end_reason)
 
     def counted(self, replica: dict) -> None:
         """The replica's counters of this session (dropped there, processed, skipped, errors)."""

@@ -33,7 +33,7 @@ from engine.metrics import EngineMetrics, prometheus_text
 from engine.parallel.replica_link import SILENCE_S, ReplicaFailed, ReplicaLink
 from engine.parallel.replica_session import ReplicaSession
 from engine.runtime import EngineConfig, Progress
-from engine.session import EngineBusyError, FrameError
+from engine.session import EngineBusyError, FrameError, reap_idle
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ class ReplicaEngine:
             await asyncio.to_thread(self.load)
         for link in self.links:
             link.start(self._loop, self._on_message, self._on_death)
-        self._reaper = asyncio.create_task(self._reap_idle(), name="diffcam-replicas-reaper")
+        self._reaper = asyncio.create_task(reap_idle(self.sessions, self._config.idle_timeout, self.metrics),
+                                           name="diffcam-replicas-reaper")
 
     async def aclose(self) -> None:
         """Close every session, stop every process (terminate, then kill), unlink every block."""
@@ -328,17 +329,6 @@ class ReplicaEngine:
     @staticmethod
     def _death_message(link: ReplicaLink, how: str = "died") -> str:
         return f"the device process for {link.device} {how}; this stream has ended (reconnect to continue)"
-
-    async def _reap_idle(self) -> None:
-        """Close sessions whose consumer went away (nobody read or waited for ``idle_timeout``)."""
-        period = min(1.0, self._config.idle_timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            for session in list(self._sessions.values()):
-                if session.idle_for() > self._config.idle_timeout:
-                    log.info("closing idle session %s", session.id)
-                    self.metrics.sessions_expired += 1
-                    session.close()
 
 
 __all__ = ["ModelInfo", "ReplicaEngine", "ReplicaFailed", "ReplicaSession", "parse_devices", "shares"]
