@@ -9,7 +9,10 @@ Per stream, rows are step-major: row ``i·f + j`` holds frame slot ``j`` at step
 (``n`` steps, ``f`` frames). The call takes ``f`` new frames per stream, noises them to step 0,
 stacks them on the ``(n-1)·f`` rows in flight, runs ONE UNet call over every stream's rows,
 decodes the ``f`` rows that reached the last step and moves every other row one step on.
-Scheduler math runs in float32 whatever the model dtype.
+Scheduler math runs in float32 whatever the model dtype. The pieces around the UNet call
+(:func:`new_rows`, :func:`guide`, :func:`next_buffer`, :func:`next_stock`, :func:`layout`) are
+public: a sharded stream's rank 0 (:mod:`engine.parallel.shard_rank`) runs the same ones around
+its UNet component, so both paths share one definition of the stream's math.
 """
 
 from __future__ import annotations
@@ -54,12 +57,12 @@ def stream_step(models: StepModels, slots: StreamSlots, index: torch.Tensor,
                 pixels: torch.Tensor | None) -> StepOutput:
     """One call for the streams in slots ``index``: ``pixels`` ``(k·f, 3, H, W)`` in [0, 1], or None for txt2img."""
     shape, state = slots.shape, slots.gather(index)
-    x = torch.cat([_new_rows(models, shape, state, pixels), state.buffer], 1)  # n = 1: the buffer has no rows
-    eps, stock = _guide(_predict(models, shape, state, x), state, shape)
+    x = torch.cat([new_rows(models, shape, state, pixels), state.buffer], 1)  # n = 1: the buffer has no rows
+    eps, stock = guide(_predict(models, shape, state, x), state, shape)
     x0 = state.c_out * (x - state.beta * eps) / state.alpha + state.c_skip * x
-    buffer = _next_buffer(x0, state, shape.frames)
+    buffer = next_buffer(x0, state, shape.frames)
     if shape.cfg_type in ("self", "initialize"):
-        stock = _next_stock(eps, stock, state, shape.frames)
+        stock = next_stock(eps, stock, state, shape.frames)
     finished = x0[:, -shape.frames:]
     decoded = decode_latents(models.vae, finished.flatten(0, 1).to(models.dtype))
     unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)
@@ -73,7 +76,7 @@ def stream_step(models: StepModels, slots: StreamSlots, index: torch.Tensor,
     return output
 
 
-def _new_rows(models: StepModels, shape: StreamShape, state: Gathered, pixels: torch.Tensor | None) -> torch.Tensor:
+def new_rows(models: StepModels, shape: StreamShape, state: Gathered, pixels: torch.Tensor | None) -> torch.Tensor:
     """The ``f`` rows entering at step 0: encoded frames noised with the stream's fixed noise (txt2img: the noise)."""
     f = shape.frames
     if pixels is None:
@@ -94,7 +97,7 @@ def _predict(models: StepModels, shape: StreamShape, state: Gathered, x: torch.T
     return prediction
 
 
-def _guide(eps: torch.Tensor, state: Gathered, shape: StreamShape) -> tuple[torch.Tensor, torch.Tensor]:
+def guide(eps: torch.Tensor, state: Gathered, shape: StreamShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual CFG: the guided ``ε̂`` for the ``n·f`` rows, and the stock noise it used.
 
     Guidance applies where ``guidance_scale > 1``, as in StreamDiffusion and diffusers; at or
@@ -116,7 +119,7 @@ def _guide(eps: torch.Tensor, state: Gathered, shape: StreamShape) -> tuple[torc
     return torch.where(guided, eps_uncond + state.guidance * (eps_cond - eps_uncond), eps_cond), stock
 
 
-def _next_stock(eps: torch.Tensor, stock: torch.Tensor, state: Gathered, f: int) -> torch.Tensor:
+def next_stock(eps: torch.Tensor, stock: torch.Tensor, state: Gathered, f: int) -> torch.Tensor:
     """Residual noise each row carries to its next step (StreamDiffusion's stock-noise update).
 
     ``Δ = c_out·(β·s − β·ε̂)/α + c_skip·β·s``; a row moving from step i to i+1 gets
@@ -128,7 +131,7 @@ def _next_stock(eps: torch.Tensor, stock: torch.Tensor, state: Gathered, f: int)
     return torch.cat([state.noise[:, :f], moved], 1)
 
 
-def _next_buffer(x0: torch.Tensor, state: Gathered, f: int) -> torch.Tensor:
+def next_buffer(x0: torch.Tensor, state: Gathered, f: int) -> torch.Tensor:
     """Rows at steps 0..n-2 re-noised to their next step: ``α_{i+1}·x0_i (+ β_{i+1}·ε_{i+1})``."""
     return state.alpha[:, f:] * x0[:, :-f] + state.add_noise * state.beta[:, f:] * state.noise[:, f:]
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.backends import torch_unet
 from engine.config import StreamConfig
 from engine.parallel.fidelity import psnr
 from engine.parallel.launch import RankFailed
@@ -261,3 +262,50 @@ def test_shapes_the_sharded_stream_does_not_run_are_refused() -> None:
         ShardedStream("tiny", replace(CONFIG, similarity_filter=True), procs=2)
     with pytest.raises(ValueError, match="img2img only"):
         ShardedStream("tiny", replace(CONFIG, mode="txt2img"), procs=2)
+
+
+# --- the UNet stage, timed on each rank -----------------------------------------------------------
+
+STAGE_FACTOR = 5.0  # the components' compute against one device's UNet: a bound for a shared 2-core machine
+
+
+class _TimedUNet:
+    """The torch UNet, adding up the seconds its calls take (on the CPU: no synchronising needed)."""
+
+    def __init__(self, unet) -> None:
+        self.run, self.seconds = torch_unet(unet), 0.0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.run(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def test_each_rank_reports_its_unet_stage_times(tiny, two_ranks) -> None:
+    """Each rank's seconds running its component and waiting for its inputs, one count per call, from reset().
+
+    Synchronous calls run the whole UNet, one component after the other, so the components' compute
+    adds up to about one device's UNet time for the same calls (the time embedding aside). The bound
+    is generous: the machine is shared, and no test asserts a speed.
+    """
+    fresh(two_ranks, resync_every=1)
+    assert [(s.calls, s.compute_s, s.wait_s) for s in two_ranks.stage_times()] == [(0, 0.0, 0.0)] * 2
+    unet = _TimedUNet(tiny.unet)
+    one = StreamDiffusion(tiny, CONFIG, unet)
+    for index in range(10):
+        frame = moving_frame(index, 64, 64)
+        two_ranks(frame)
+        one(frame)
+    stages = two_ranks.stage_times()
+    assert [(s.rank, s.calls) for s in stages] == [(0, 10), (1, 10)]
+    assert all(s.compute_s > 0 and s.wait_s > 0 for s in stages), stages
+    ratio = sum(s.compute_s for s in stages) / unet.seconds
+    assert 1 / STAGE_FACTOR < ratio < STAGE_FACTOR, (stages, unet.seconds)
+    fresh(two_ranks)  # asynchronous after the warm-up; counted afresh from the reset
+    for index in range(5):
+        two_ranks(moving_frame(index, 64, 64))
+    later = two_ranks.stage_times()
+    assert [s.calls for s in later] == [5, 5] and all(s.compute_per_call > 0 for s in later)
+    assert later[0].since(later[0]).calls == 0

@@ -21,6 +21,12 @@ Rank 0 sends every rank each call's command (point to point, so rank 0 can start
 k−1 still decodes the one before). A synchronous call first broadcasts rank 0's time and text
 embeddings to every rank (they change only with the prompt or the schedule, and every change is
 followed by synchronous calls).
+
+Each rank times its share of the UNet stage (:class:`StageClock`): the seconds it spends running its
+component and the seconds it waits for the component's inputs (the activations; on rank 0, the
+noise prediction), apart from the VAE, the scheduler math and the idle time between calls. It keeps
+totals in its row of a small shared-memory table that the driver reads when it likes
+(:meth:`engine.parallel.sharded.ShardedStream.stage_times`): no message per call.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -44,11 +52,12 @@ from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FIN
 from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
 from engine.slots import MATH_DTYPE
-from engine.step import StepModels, _guide, _new_rows, _next_buffer, _next_stock, layout
+from engine.step import StepModels, guide, layout, new_rows, next_buffer, next_stock
 from engine.stream import StreamDiffusion
 from engine.vae import decode_latents, encode_latents
 
 OP_CALL, OP_STOP = 0, 1
+COMPUTE, WAIT, CALLS = 0, 1, 2  # the columns of a rank's row in Channels.stages
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class Channels:
     frames: torch.Tensor  # (2, f, 3, H, W) float32 in [0, 1], written by the driver, read by rank 0
     unit: torch.Tensor    # (2, f, 3, H, W) float32 in [0, 1], written by rank k−1
     pixels: torch.Tensor  # (2, f, H, W, 3) uint8, written by rank k−1
+    #: (k, 3) float64, row i written by rank i only: UNet-stage compute seconds, wait seconds, calls (:class:`StageClock`)
+    stages: torch.Tensor
 
 
 def rank_main(rank: int, world: int, job: RankJob, channels: Channels) -> None:
@@ -119,6 +130,7 @@ class ShardRank:
         self.temb: torch.Tensor | None = None
         self.text: torch.Tensor | None = None
         self.calls = 0
+        self.clock = StageClock(self.device, channels.stages[rank])
 
     # ------------------------------------------------------------------ set-up
 
@@ -233,19 +245,22 @@ class ShardRank:
         index = torch.tensor([stream.slot], device=self.device)
         state = stream.slots.gather(index)
         pixels = self.channels.frames[slot].to(self.device)
-        x = torch.cat([_new_rows(self.models, shape, state, pixels), state.buffer], 1)
+        x = torch.cat([new_rows(self.models, shape, state, pixels), state.buffer], 1)
         sample = layout(x, shape)
         self.predictions.post()
         hidden, gives = self._run(sample.flatten(0, 1).to(self.dtype), {})
         self._send(hidden, gives)
-        eps = self.predictions.wait()[0].to(MATH_DTYPE).view(sample.shape)
+        with self.clock.timing(WAIT):
+            prediction = self.predictions.wait()[0]
+        self.clock.publish()  # before the finished latents go out: the frame's reply comes after this call's times
+        eps = prediction.to(MATH_DTYPE).view(sample.shape)
         if self.v_prediction:  # ε = α·v + β·x, as engine.step._predict
             eps = layout(state.alpha, shape) * eps + layout(state.beta, shape) * sample
-        eps, stock = _guide(eps, state, shape)
+        eps, stock = guide(eps, state, shape)
         x0 = state.c_out * (x - state.beta * eps) / state.alpha + state.c_skip * x
-        buffer = _next_buffer(x0, state, shape.frames)
+        buffer = next_buffer(x0, state, shape.frames)
         if shape.cfg_type in ("self", "initialize"):
-            stock = _next_stock(eps, stock, state, shape.frames)
+            stock = next_stock(eps, stock, state, shape.frames)
         self.finished_out.send([x0[:, -shape.frames:].flatten(0, 1)])
         stream.slots.scatter(index, buffer, stock)
 
@@ -253,6 +268,7 @@ class ShardRank:
         """Rank i ≥ 1: component i on this call's inputs (sync) or the previous call's (async)."""
         hidden, skips = self._inputs(sync)
         hidden, gives = self._run(hidden, skips)
+        self.clock.publish()  # before sending: in a synchronous call the later ranks wait for this one
         if not self.last:
             self._send(hidden, gives)
             return
@@ -267,26 +283,78 @@ class ShardRank:
 
     def _inputs(self, sync: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         found: dict[int, torch.Tensor] = {}
-        for box, items in zip(self.inboxes, self.in_items):
-            if sync:
-                tensors = box.receive()
-            else:  # what arrived while the previous call ran; this call's outputs arrive for the next
-                box.wait_pending()
-                tensors = box.wait()
-                box.post()
-            found.update(zip(items, tensors))
+        with self.clock.timing(WAIT):
+            for box, items in zip(self.inboxes, self.in_items):
+                if sync:
+                    tensors = box.receive()
+                else:  # what arrived while the previous call ran; this call's outputs arrive for the next
+                    box.wait_pending()
+                    tensors = box.wait()
+                    box.post()
+                found.update(zip(items, tensors))
         hidden = found.pop(HIDDEN)
         return hidden, found
 
     def _run(self, hidden: torch.Tensor, skips: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         assert self.temb is not None and self.text is not None
         size = tuple(self.sample_shape[-2:])
-        return self.split.run(self.rank, hidden, skips, self.temb, self.text, size)  # type: ignore[arg-type]
+        with self.clock.timing(COMPUTE):
+            return self.split.run(self.rank, hidden, skips, self.temb, self.text, size)  # type: ignore[arg-type]
 
     def _send(self, hidden: torch.Tensor, gives: dict[int, torch.Tensor]) -> None:
         outputs = {HIDDEN: hidden, **gives}
         for box, items in zip(self.outboxes, self.out_items):
             box.send([outputs[i] for i in items])
+
+
+class StageClock:
+    """One rank's UNet stage: seconds running its component (:data:`COMPUTE`) and waiting for its inputs (:data:`WAIT`).
+
+    :meth:`publish` ends a call and writes the totals to ``row`` (compute s, wait s, calls) in
+    shared memory, where the driver reads them. On the CPU each section is timed with
+    ``perf_counter`` (gloo's waits block this thread). On CUDA the work is queued, so the thread's
+    clock says nothing: each section is bracketed by events on the current stream. An NCCL wait
+    holds the stream, not the thread, so the time between the events around it is how long the
+    stream stood idle for its inputs. Nothing synchronises: a call joins the totals once its last
+    event has completed, seen at a later :meth:`publish`, so on CUDA the totals may trail by a call
+    (``calls`` counts only the calls they hold).
+    """
+
+    def __init__(self, device: torch.device, row: torch.Tensor) -> None:
+        self.cuda = device.type == "cuda"
+        self.row = row
+        self.totals = [0.0, 0.0, 0.0]
+        self.sections: list[tuple[int, Any, Any]] = []  # this call's (column, start, end)
+        self.unfinished: deque[list[tuple[int, Any, Any]]] = deque()  # CUDA: calls whose events are still queued
+
+    @contextmanager
+    def timing(self, column: int) -> Iterator[None]:
+        start = self._mark()
+        yield
+        self.sections.append((column, start, self._mark()))
+
+    def publish(self) -> None:
+        """End this call's timing: add every completed call to the totals and write them to the shared row."""
+        self.unfinished.append(self.sections)
+        self.sections = []
+        while self.unfinished and self._completed(self.unfinished[0]):
+            for column, start, end in self.unfinished.popleft():
+                self.totals[column] += self._seconds(start, end)
+            self.totals[CALLS] += 1
+        self.row.copy_(torch.tensor(self.totals, dtype=torch.float64))
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _completed(self, sections: list[tuple[int, Any, Any]]) -> bool:
+        return not self.cuda or not sections or sections[-1][2].query()  # one stream: the last event is the latest
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 
 
 # ---------------------------------------------------------------------- building a rank

@@ -49,6 +49,13 @@ component i sees inputs i calls old, so the deepest path through the UNet is kâˆ
 
 A change of shape (size, steps, frames per call, RCFG mode) needs a new :class:`ShardedStream`:
 the ranks' buffers and cuts are sized for one shape, as one device's CUDA graphs are.
+
+**The UNet stage, timed.** :meth:`ShardedStream.stage_times` gives each rank's seconds running its
+component and waiting for its inputs, and the calls they cover (:class:`StageTimes`; the ranks
+keep the totals in shared memory, :class:`~engine.parallel.shard_rank.StageClock`). In an
+asynchronous call the ranks' components run at once, so the slowest rank's compute per call is the
+period of the UNet stage were the VAE and the scheduler math elsewhere; in a synchronous call the
+components run one after the other, and the period is their sum.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import queue
 from collections import deque
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -67,10 +75,35 @@ from engine.config import StreamConfig, updated_config
 from engine.image import Frame, fit, frame_kind, to_chw
 from engine.parallel.costs import COST_KINDS
 from engine.parallel.launch import GroupSpec, RankFailed, launch
-from engine.parallel.shard_rank import Channels, RankJob, rank_main
+from engine.parallel.shard_rank import CALLS, COMPUTE, WAIT, Channels, RankJob, rank_main
 
 POLL_S = 0.1
 MAX_IN_FLIGHT = 2  # shared-memory slots for frames in and out
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """One rank's UNet stage over ``calls`` calls: seconds running its component, and waiting for its inputs."""
+
+    rank: int
+    compute_s: float
+    wait_s: float
+    calls: int
+
+    @property
+    def compute_per_call(self) -> float:
+        """Seconds running the component per call (NaN over no calls)."""
+        return self.compute_s / self.calls if self.calls else math.nan
+
+    @property
+    def wait_per_call(self) -> float:
+        """Seconds waiting for the component's inputs per call (NaN over no calls)."""
+        return self.wait_s / self.calls if self.calls else math.nan
+
+    def since(self, earlier: "StageTimes") -> "StageTimes":
+        """The calls after ``earlier`` (an earlier reading of the same rank) only."""
+        return StageTimes(self.rank, self.compute_s - earlier.compute_s, self.wait_s - earlier.wait_s,
+                          self.calls - earlier.calls)
 
 
 class ShardedStream:
@@ -103,7 +136,8 @@ class ShardedStream:
         self._closed = False
         self._failure: BaseException | None = None
         self.pids: list[int] = []
-        self._channels = _channels(config)
+        self._channels = _channels(config, k)
+        self._stage_origin = self._channels.stages.clone()  # stage_times() counts from here
         job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at)
         backend = "nccl" if torch.device(self.devices[0]).type == "cuda" else "gloo"
         group = GroupSpec(backend, idle_timeout_s, threads, self.devices)
@@ -182,6 +216,19 @@ class ShardedStream:
             return list(self._channels.unit[slot].clone().unbind(0))
         return list(self._channels.pixels[slot].numpy().copy())
 
+    def stage_times(self) -> list[StageTimes]:
+        """Each rank's UNet-stage totals since the start or the last :meth:`reset`, rank 0 first.
+
+        A rank adds a call when its share of the UNet stage ends: ranks 0 and kâˆ’1 before the call's
+        frame is out, so after :meth:`result` they hold every call taken; in an asynchronous call a
+        middle rank's component feeds the next call, and may not have finished yet; on CUDA a rank's
+        totals trail by a call (:class:`~engine.parallel.shard_rank.StageClock`). Divide by each
+        rank's own ``calls`` (:attr:`StageTimes.compute_per_call`). Readable after :meth:`close` too.
+        """
+        table = self._stages() - self._stage_origin
+        return [StageTimes(rank, float(row[COMPUTE]), float(row[WAIT]), int(row[CALLS]))
+                for rank, row in enumerate(table)]
+
     def resync(self) -> None:
         """Run the next ``warmup_calls`` calls synchronously (fresh activations on every rank)."""
         self._sync_left = self.warmup_calls
@@ -200,6 +247,7 @@ class ShardedStream:
         if self._in_flight:
             raise RuntimeError("take the results of the calls in flight before reset()")
         self._send(("reset",))
+        self._stage_origin = self._stages()
         self.calls = self._submitted = 0
         self.sync_history.clear()
         self.resync()
@@ -258,6 +306,13 @@ class ShardedStream:
                 raise RuntimeError(f"expected a {kind!r} reply from the ranks, got {message[0]!r}")
             return message
 
+    def _stages(self) -> torch.Tensor:
+        """The ranks' shared totals, read until two readings agree (a rank may be writing its row)."""
+        while True:
+            first, second = self._channels.stages.clone(), self._channels.stages.clone()
+            if torch.equal(first, second):
+                return first
+
     def _check_alive(self) -> None:
         if self._thread.is_alive():
             return
@@ -284,14 +339,15 @@ class ShardedStream:
                 pass
 
 
-def _channels(config: StreamConfig) -> Channels:
+def _channels(config: StreamConfig, world: int) -> Channels:
     context = mp.get_context("spawn")
     f, height, width = config.frame_buffer_size, config.height, config.width
     slots = MAX_IN_FLIGHT
     return Channels(commands=context.Queue(), replies=context.Queue(),
                     frames=torch.zeros(slots, f, 3, height, width).share_memory_(),
                     unit=torch.zeros(slots, f, 3, height, width).share_memory_(),
-                    pixels=torch.zeros(slots, f, height, width, 3, dtype=torch.uint8).share_memory_())
+                    pixels=torch.zeros(slots, f, height, width, 3, dtype=torch.uint8).share_memory_(),
+                    stages=torch.zeros(world, 3, dtype=torch.float64).share_memory_())
 
 
 def _devices(procs: int | None, devices: Sequence[str] | None) -> tuple[str, ...]:
