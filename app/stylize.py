@@ -3,6 +3,10 @@
 The path of a frame: :mod:`app.media` reads the input (turned upright, sized for the model,
 keeping its aspect ratio); the stream stylizes it; :mod:`app.media` writes it at the input's
 timestamp in a codec browsers play, with the input's audio copied through.
+
+With ``--devices`` naming several (``--parallel asyncdiff``), the stream is a
+:class:`~engine.parallel.sharded.ShardedStream`, its UNet cut over one process per device, driven
+two calls deep (:class:`TwoInFlight`); the frames still come out in order, each at its own time.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import argparse
 import sys
 import time
 from collections import deque
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, cast
 
 import av
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from app.media import (FORMATS, MULTIPLE, SYNTHETIC_FRAMES, Clip, ClipWriter, Item, OutputFormat, Picture,
@@ -26,7 +32,11 @@ from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments,
 from engine.components import Components
 from engine.config import MAX_SIZE, MIN_SIZE, StreamConfig, parse_t_index_list, strength_to_t_index_list
 from engine.graphs import stream_runner
-from engine.models import ModelUnavailableError, load_components
+from engine.models import ModelUnavailableError, load_components, local_model
+from engine.parallel.flags import add_parallel_arguments
+from engine.parallel.launch import RankFailed
+from engine.parallel.replicas import parse_devices
+from engine.parallel.sharded import MAX_IN_FLIGHT, ShardedStream
 from engine.quiet import quiet_libraries
 from engine.stream import StreamDiffusion
 
@@ -80,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip near-duplicate frames (a skipped frame repeats the last stylized one)")
     parser.add_argument("--similarity-threshold", type=float, default=0.98,
                         help="how alike (cosine similarity) frames must be before the filter may skip one")
+    several = parser.add_argument_group("several devices")
+    add_parallel_arguments(several, devices="stylize on several devices, one process each (one alone: the same "
+                                            "as --device)",
+                           default="asyncdiff, the default with several --devices, is the one a file can use: a "
+                                   "file is one stream (replicas serve several live streams: python app/main.py)")
+    several.add_argument("--resync-every", type=int, default=None, metavar="N",
+                         help="with --parallel asyncdiff: every N-th call runs synchronously again (the components "
+                              "one after the other on fresh activations: exact, no faster than one device); 1 "
+                              "makes every call synchronous, equal to one device (default: only the warm-up calls "
+                              "at the start)")
     return parser
 
 
@@ -104,6 +124,47 @@ def check_args(args: argparse.Namespace) -> OutputFormat:
             raise ValueError(f"this PyAV build cannot encode {codec} (needed for {suffix}); choose another "
                              f"--output extension")
     return output_format
+
+
+def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--devices`` as names, after refusing the combinations the sharded stream cannot run."""
+    devices = parse_devices(args.devices) if args.devices else ()
+    if args.parallel == "replicas":
+        raise ValueError("--parallel replicas spreads several live streams over the devices (python app/main.py "
+                         "--devices ...); a file is one stream whose frames depend on each other through the "
+                         "stream batch: use --parallel asyncdiff")
+    if len(devices) < 2:
+        if args.parallel is not None:
+            raise ValueError(f"--parallel {args.parallel} splits the UNet over several devices: give --devices "
+                             f"with two or more (e.g. cpu,cpu or 0,1)")
+        if args.resync_every is not None:
+            raise ValueError("--resync-every applies to --parallel asyncdiff: give --devices with two or more")
+        return devices
+    _check_sharded(args)
+    _check_present(devices)
+    return devices
+
+
+def _check_present(devices: tuple[str, ...]) -> None:
+    """Refuse GPUs this torch build does not see, before any device process starts."""
+    seen = torch.cuda.device_count()
+    missing = [d for d in devices if torch.device(d).type == "cuda" and (torch.device(d).index or 0) >= seen]
+    if missing:
+        raise ValueError(f"--devices names {','.join(missing)}, but this torch build sees {seen} CUDA GPU(s)")
+
+
+def _check_sharded(args: argparse.Namespace) -> None:
+    if args.similarity_filter:
+        raise ValueError("--similarity-filter does not work with --parallel asyncdiff yet (the sharded stream "
+                         "runs every frame): leave it out")
+    if args.backend not in ("auto", "torch"):
+        raise ValueError(f"--backend {args.backend} does not work with --parallel asyncdiff (its device processes "
+                         f"run eager torch): leave --backend out or give torch")
+    if args.lcm_lora not in ("auto", "none"):
+        raise ValueError(f"--lcm-lora {args.lcm_lora} does not work with --parallel asyncdiff (its device processes "
+                         f"load the model without a LoRA): give a model with it fused, or leave --lcm-lora out")
+    if args.resync_every is not None and args.resync_every < 1:
+        raise ValueError(f"--resync-every={args.resync_every} must be at least 1 (leave it out: never)")
 
 
 def output_size(shown: tuple[int, int], size: int, width: int | None = None,
@@ -136,12 +197,48 @@ def stream_config(args: argparse.Namespace, width: int, height: int) -> StreamCo
 # ------------------------------------------------------------------------ stylizing
 
 
-def stylize(stream: StreamDiffusion, items: Iterable[Item], writer: ClipWriter, progress: tqdm | None = None) -> int:
+class TwoInFlight:
+    """A :class:`~engine.parallel.sharded.ShardedStream` behind one device's call, kept two calls deep.
+
+    Each call submits its picture before taking the oldest call's, so the first device encodes the
+    next picture while the last one decodes the one before (:mod:`engine.parallel.sharded`). A
+    picture comes back ``n`` calls after it went in, one more than on one device; :func:`stylize`
+    keeps the times of those in flight whatever the delay. ``calls`` counts the calls submitted.
+    """
+
+    def __init__(self, sharded: ShardedStream) -> None:
+        self.sharded = sharded
+        self.calls = 0
+
+    @property
+    def config(self) -> StreamConfig:
+        return self.sharded.config
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        """Submit ``image``; the oldest call's picture once two are in flight, else (or while warming up) None."""
+        self.sharded.submit([image])
+        self.calls += 1
+        if self.calls < MAX_IN_FLIGHT:
+            return None
+        result = self.sharded.result()
+        return None if result is None else cast(np.ndarray, result[0])
+
+    def update(self, **changes: object) -> None:
+        self.sharded.update(**changes)
+
+    def close(self) -> None:
+        """Stop the device processes (a call still in flight is dropped). Idempotent."""
+        self.sharded.close()
+
+
+def stylize(stream: StreamDiffusion | TwoInFlight, items: Iterable[Item], writer: ClipWriter,
+            progress: tqdm | None = None) -> int:
     """Write each input picture's stylized picture at its time, in order; audio goes straight through.
 
-    A picture comes back ``n - 1`` calls after it went in, so the times of those in flight wait
-    in ``pending``; at the end the last picture is fed again until they are all out. A picture
-    the similarity filter skips shows what the picture before it shows. Returns frames written.
+    A picture comes back ``n - 1`` calls after it went in (``n`` through :class:`TwoInFlight`), so
+    the times of those in flight wait in ``pending``; at the end the last picture is fed again
+    until they are all out. A picture the similarity filter skips shows what the picture before it
+    shows. Returns frames written.
     """
     pending: deque[list[Fraction]] = deque()
     last: np.ndarray | None = None
@@ -160,7 +257,8 @@ def stylize(stream: StreamDiffusion, items: Iterable[Item], writer: ClipWriter, 
     return writer.frames
 
 
-def _feed(stream: StreamDiffusion, item: Picture, pending: deque[list[Fraction]], writer: ClipWriter) -> None:
+def _feed(stream: StreamDiffusion | TwoInFlight, item: Picture, pending: deque[list[Fraction]],
+          writer: ClipWriter) -> None:
     calls = stream.calls
     output = _call(stream, item.image)
     if stream.calls > calls:
@@ -172,7 +270,7 @@ def _feed(stream: StreamDiffusion, item: Picture, pending: deque[list[Fraction]]
         writer.write_picture(output, item.time)
 
 
-def _call(stream: StreamDiffusion, image: np.ndarray) -> np.ndarray | None:
+def _call(stream: StreamDiffusion | TwoInFlight, image: np.ndarray) -> np.ndarray | None:
     """One call of the stream: an array in, an array (or None while warming up) out."""
     return cast("np.ndarray | None", stream(image))
 
@@ -191,40 +289,66 @@ def fast_stream(components: Components, config: StreamConfig, backend: str) -> S
     return StreamDiffusion(components, config, runner=runner)
 
 
+def open_stream(args: argparse.Namespace, config: StreamConfig,
+                devices: tuple[str, ...]) -> StreamDiffusion | TwoInFlight:
+    """The stream the flags describe, loaded: sharded over ``devices`` (two or more), or on one device."""
+    if len(devices) > 1:  # a hub model is fetched once here, not by each device process
+        return TwoInFlight(ShardedStream(local_model(model_spec(args)).model, config, devices=devices, vae=args.vae,
+                                         dtype=rank_dtype(args, devices), resync_every=args.resync_every))
+    spec = model_spec(args) if not devices else replace(model_spec(args), device=devices[0])
+    missing = backend_missing(args.backend, spec.resolved_device())
+    if missing is not None:
+        raise ValueError(f"--backend {args.backend} needs {missing}")
+    return fast_stream(load_components(spec), config, args.backend)
+
+
+def rank_dtype(args: argparse.Namespace, devices: tuple[str, ...]) -> str:
+    """``--dtype`` as the sharded ranks take it; by default what one of ``devices`` would use (fp16 on CUDA)."""
+    return str(model_spec(args).resolved_dtype(torch.device(devices[0]))).removeprefix("torch.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     try:
         output_format = check_args(args)
+        devices = check_devices(args)
         clip = open_clip(args.input, args.frames)
     except (ValueError, FileNotFoundError) as error:
         return _fail(error)
     try:
-        return _run(args, clip, output_format)
+        return _run(args, clip, output_format, devices)
     finally:
         clip.close()
 
 
-def _run(args: argparse.Namespace, clip: Clip, output_format: OutputFormat) -> int:
-    output = Path(args.output)
+def _run(args: argparse.Namespace, clip: Clip, output_format: OutputFormat, devices: tuple[str, ...]) -> int:
     try:
         width, height = output_size(clip.shown_size, args.size, args.width, args.height)
-        config = stream_config(args, width, height)
-        missing = backend_missing(args.backend, model_spec(args).resolved_device())
-        if missing is not None:
-            raise ValueError(f"--backend {args.backend} needs {missing}")
-        stream = fast_stream(load_components(model_spec(args)), config, args.backend)
+        stream = open_stream(args, stream_config(args, width, height), devices)
+    except (ValueError, RuntimeError, OSError, ModelUnavailableError) as error:
+        return _fail(error)
+    try:
+        return _write(args, clip, output_format, stream)
+    finally:
+        stream.close()
+
+
+def _write(args: argparse.Namespace, clip: Clip, output_format: OutputFormat,
+           stream: StreamDiffusion | TwoInFlight) -> int:
+    output, width, height = Path(args.output), stream.config.width, stream.config.height
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
         writer = ClipWriter(output, output_format, width, height, clip.rate, clip.time_base, clip.audio)
-    except (ValueError, RuntimeError, OSError, ModelUnavailableError, av.FFmpegError) as error:
+    except (ValueError, OSError, av.FFmpegError) as error:
         return _fail(error)
-    print(_summary(stream, args.backend, writer))
+    print(_summary(stream, args, writer))
     started = time.perf_counter()
     try:
         total = progress_total(clip.frame_count, args.frames)
         with writer, tqdm(total=total, unit="frame", desc="stylizing") as progress:
             written = stylize(stream, clip.items(width, height, args.crop, args.frames), writer, progress)
-    except av.FFmpegError as error:
+    except (av.FFmpegError, RankFailed) as error:
         return _fail(error, code=1)
     except KeyboardInterrupt:  # the writer has closed the file: what was written plays
         print(f"stopped: wrote {writer.frames} frames to {output}", file=sys.stderr)
@@ -234,14 +358,26 @@ def _run(args: argparse.Namespace, clip: Clip, output_format: OutputFormat) -> i
     return 0
 
 
-def _summary(stream: StreamDiffusion, backend: str, writer: ClipWriter) -> str:
-    components, config = stream.components, stream.config
+def _summary(stream: StreamDiffusion | TwoInFlight, args: argparse.Namespace, writer: ClipWriter) -> str:
+    config = stream.config
     audio = "no audio" if writer.audio is None else \
         f"audio {writer.audio.codec_context.name} ({'copied' if writer.audio_copied else 're-encoded'})"
-    return (f"model {components.name} on {components.device} ({components.dtype}), "
-            f"backend {resolve_backend(backend, components.device)}, {config.width}x{config.height}, "
+    return (f"{_where(stream, args)}, {config.width}x{config.height}, "
             f"t_index_list={config.t_index_list}, cfg={config.cfg_type}; "
             f"video {writer.video.codec_context.name} at {writer.video.codec_context.framerate} fps, {audio}")
+
+
+def _where(stream: StreamDiffusion | TwoInFlight, args: argparse.Namespace) -> str:
+    """Which model runs where, and how."""
+    if isinstance(stream, TwoInFlight):
+        sharded = stream.sharded
+        resync = f" and every {sharded.resync_every} calls" if sharded.resync_every else ""
+        return (f"model {args.model} sharded over {','.join(sharded.devices)} ({rank_dtype(args, sharded.devices)}), "
+                f"--parallel asyncdiff: {sharded.components} UNet components, {sharded.warmup_calls} synchronous "
+                f"calls at the start{resync}, two calls in flight; backend torch")
+    components = stream.components
+    return (f"model {components.name} on {components.device} ({components.dtype}), "
+            f"backend {resolve_backend(args.backend, components.device)}")
 
 
 def _fail(error: BaseException, code: int = 2) -> int:

@@ -8,6 +8,7 @@ from collections import deque
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import av
 import numpy as np
@@ -358,3 +359,147 @@ def test_help_describes_every_flag_with_its_default(capsys) -> None:
     assert undescribed == []
     assert "(default: 512)" in text and "the whole input; 120 for the synthetic clip" in text
     assert "black bars" in text and "(default: out/stylized.mp4)" in text
+
+
+# ------------------------------------------------------------------- several devices (--devices, --parallel)
+
+
+def test_all_synchronous_on_two_cpu_processes_equals_one_device(clip, stylized, tmp_path) -> None:
+    """``--devices cpu,cpu``: the sharded stream, two calls in flight; ``--resync-every 1`` makes every call
+    synchronous, which runs the same operations as one device, so every frame comes out as one device's, at
+    its own time. The tiny model's frames differ little from one to the next, so "in place" is checked
+    against the same comparison shifted by one frame."""
+    output = tmp_path / "sharded.mp4"
+    code, out, err = run("--input", str(clip), "--output", str(output), "--size", "96", "--devices", "cpu,cpu",
+                         "--resync-every", "1")
+    assert code == 0, err
+    assert "sharded over cpu,cpu" in out and "--parallel asyncdiff: 2 UNet components" in out
+    found, one = probe(output), stylized.found
+    assert len(found.times) == FRAMES and found.times == one.times
+    same = [_distance(a, b) for a, b in zip(found.images, one.images)]
+    shifted = [_distance(a, b) for a, b in zip(found.images, one.images[1:])]
+    assert max(same) < 0.5, same
+    assert sum(same) < 0.25 * sum(shifted), ("frame i must be one device's frame i, not its neighbour", same, shifted)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two pictures, in 8-bit levels."""
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+class FakeSharded:
+    """:class:`ShardedStream`'s driver contract without processes: ``submit`` then ``result``, a picture out
+    ``steps - 1`` results after it went in (None until then), at most two calls in flight."""
+
+    instances: ClassVar[list[FakeSharded]] = []
+
+    def __init__(self, model: str = "tiny", config=None, *, devices=("cpu", "cpu"), steps: int = 2,
+                 fail_at: int | None = None, **_: object) -> None:
+        self.config = config or SimpleNamespace(similarity_filter=False)
+        self.devices, self.steps, self.fail_at = tuple(devices), steps, fail_at
+        self.components, self.warmup_calls, self.resync_every = len(self.devices), 2, None
+        self.submitted: deque[np.ndarray] = deque()
+        self.in_flight = self.most_in_flight = self.results = 0
+        self.closed = False
+        FakeSharded.instances.append(self)
+
+    def submit(self, frames: list[np.ndarray]) -> None:
+        assert len(frames) == 1 and self.in_flight < 2 and not self.closed
+        self.submitted.append(frames[0])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+    def result(self) -> list[np.ndarray] | None:
+        from engine.parallel.launch import RankFailed
+
+        assert self.in_flight > 0
+        if self.results == self.fail_at:
+            raise RankFailed("rank 1 (cpu) died: killed by signal 9", rank=1)
+        self.in_flight -= 1
+        self.results += 1
+        return None if self.results < self.steps else [self.submitted.popleft()]
+
+    def update(self, **changes: object) -> None:
+        raise AssertionError("the sharded stream is never updated while stylizing")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_two_in_flight_keeps_output_frame_i_at_input_frame_i(clip, tmp_path, steps) -> None:
+    """Through the adapter a picture comes back one call later than on one device; the times still match."""
+    source, output = media.FileClip(str(clip)), tmp_path / "out.mp4"
+    sharded = FakeSharded(steps=steps)
+    try:
+        with media.ClipWriter(output, media.FORMATS[".mp4"], WIDTH, HEIGHT, source.rate, source.time_base,
+                              source.audio) as writer:
+            written = stylize.stylize(stylize.TwoInFlight(sharded), source.items(WIDTH, HEIGHT, False, None), writer)
+    finally:
+        source.close()
+    found = probe(output)
+    assert written == FRAMES and found.times == [index / FPS for index in range(FRAMES)]
+    greys = [int(image[HEIGHT - 8:, WIDTH - 8:].mean()) for image in found.images]
+    assert greys == pytest.approx([level(index) for index in range(FRAMES)], abs=6)
+    assert sharded.most_in_flight == 2, "the next picture goes in before the last one comes out"
+
+
+@pytest.fixture
+def fake_sharded(monkeypatch):
+    FakeSharded.instances.clear()
+    monkeypatch.setattr(stylize, "ShardedStream", FakeSharded)
+    return FakeSharded.instances
+
+
+def test_the_sharded_stream_is_closed_after_success(clip, tmp_path, fake_sharded) -> None:
+    code, out, err = run("--input", str(clip), "--output", str(tmp_path / "out.mp4"), "--size", "96",
+                         "--devices", "cpu,cpu", "--frames", "3")
+    assert code == 0, err
+    assert [s.closed for s in fake_sharded] == [True] and "sharded over cpu,cpu" in out
+
+
+def test_the_sharded_stream_is_closed_when_the_output_cannot_be_written(clip, tmp_path, fake_sharded) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run("--input", str(clip), "--output", str(tmp_path / "file" / "out.mp4"), "--devices", "cpu,cpu")
+    assert code == 2 and err.startswith("error:")
+    assert [s.closed for s in fake_sharded] == [True]
+
+
+def test_a_rank_that_dies_is_reported_and_the_stream_closed(clip, tmp_path, monkeypatch, fake_sharded) -> None:
+    monkeypatch.setattr(stylize, "ShardedStream", lambda *a, **k: FakeSharded(*a, fail_at=2, **k))
+    code, _, err = run("--input", str(clip), "--output", str(tmp_path / "out.mp4"), "--devices", "cpu,cpu")
+    assert code == 1 and "error: rank 1 (cpu) died" in err and "Traceback" not in err
+    assert [s.closed for s in fake_sharded] == [True]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--devices", "cpu,cpu", "--parallel", "replicas"], "--parallel replicas spreads several live streams"),
+    (["--parallel", "replicas"], "use --parallel asyncdiff"),
+    (["--devices", "cpu,cpu", "--similarity-filter"], "--similarity-filter does not work with --parallel asyncdiff"),
+    (["--devices", "cpu,cpu", "--backend", "compile"], "--backend compile does not work with --parallel asyncdiff"),
+    (["--devices", "cpu,cpu", "--backend", "trt"], "run eager torch"),
+    (["--devices", "cpu,cpu", "--lcm-lora", "some/lora"], "--lcm-lora some/lora does not work"),
+    (["--parallel", "asyncdiff"], "give --devices with two or more"),
+    (["--devices", "cpu", "--parallel", "asyncdiff"], "give --devices with two or more"),
+    (["--resync-every", "2"], "--resync-every applies to --parallel asyncdiff"),
+    (["--devices", "cpu,cpu", "--resync-every", "0"], "--resync-every=0 must be at least 1"),
+    (["--devices", "cpu,cuda:0"], "must be all cpu or all CUDA devices"),
+    (["--devices", "cuda:98,cuda:99"], "this torch build sees"),
+])
+def test_what_several_devices_cannot_do_exits_2_before_loading(argv, message, clip, monkeypatch) -> None:
+    def load(*_: object, **__: object):
+        raise AssertionError("nothing may load before the flags are checked")
+
+    monkeypatch.setattr(stylize, "ShardedStream", load)
+    monkeypatch.setattr(stylize, "load_components", load)
+    code, _, err = run("--input", str(clip), *argv)
+    assert code == 2
+    assert err.startswith("error:") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_help_names_the_parallel_modes(capsys) -> None:
+    with pytest.raises(SystemExit):
+        stylize.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--devices LIST" in text and "{asyncdiff,replicas}" in text and "--resync-every N" in text
+    assert "asyncdiff, the default with several --devices" in text and "a file is one stream" in text

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ import torch
 
 from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, AsyncDiffResult, Ranks, run_asyncdiff
 from engine.parallel.fidelity import psnr, ssim
+from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
+from engine.parallel.replicas import parse_devices
 from engine.parallel.sampling import GenerationRequest
 from engine.synthetic import moving_frame
 
@@ -46,17 +47,32 @@ class Config:
         return AsyncDiffPlan(self.components, self.stride, cost="measured")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.parallel.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="tiny, small, or any model spec")
-    parser.add_argument("--size", type=int, default=256, help="square picture size")
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser("engine.parallel.bench", __doc__)
     parser.add_argument("--steps", default="25,50", help="txt2img step counts")
     parser.add_argument("--configs", default="2x1,2x2", help="components x stride, comma-separated")
     parser.add_argument("--warmup-steps", type=int, default=1, help="synchronous steps first (the paper's code: 1)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--json", default=None, help="write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--devices", default=None, metavar="LIST",
+                        help=f"the devices, each configuration on as many of the first as it has ranks (default: "
+                             f"that many CPU processes): {DEVICES_HELP}")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def named_devices(args: argparse.Namespace, configs: list[Config]) -> tuple[str, ...]:
+    """``--devices`` (empty: CPU processes); ``ValueError`` if it names fewer than a configuration has ranks."""
+    if args.devices is None:
+        return ()
+    devices = parse_devices(args.devices)
+    most = max(config.plan.world_size for config in configs)
+    if most > len(devices):
+        raise ValueError(f"--devices {args.devices!r} names {len(devices)}, but --configs {args.configs} needs "
+                         f"{most} (components + stride - 1); name more or drop the largest configuration")
+    return devices
 
 
 def jobs_for(args: argparse.Namespace) -> list[tuple[str, AsyncDiffJob]]:
@@ -70,9 +86,11 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[str, AsyncDiffJob]]:
     return [(label, AsyncDiffJob(request, args.warmup_steps)) for label, request in txt + img]
 
 
-def run_config(config: Config, args: argparse.Namespace,
-               jobs: list[AsyncDiffJob]) -> tuple[list[AsyncDiffResult], float]:
-    ranks = Ranks(model=args.model, devices=("cpu",) * config.plan.world_size, threads=1, timeout_s=600.0)
+def run_config(config: Config, args: argparse.Namespace, jobs: list[AsyncDiffJob],
+               devices: tuple[str, ...]) -> tuple[list[AsyncDiffResult], float]:
+    world = config.plan.world_size
+    ranks = Ranks(model=args.model, devices=devices[:world] or ("cpu",) * world, threads=args.threads,
+                  timeout_s=600.0)
     start = time.perf_counter()
     results = run_asyncdiff(ranks, config.plan, jobs)
     return results, time.perf_counter() - start
@@ -81,6 +99,11 @@ def run_config(config: Config, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = [Config(1, 1)] + [Config(*map(int, c.split("x"))) for c in args.configs.split(",")]
+    try:
+        devices = named_devices(args, configs)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     labelled = jobs_for(args)
     labels, jobs = [label for label, _ in labelled], [job for _, job in labelled]
     seeded = [0, len(jobs) - 1]  # another seed on one device for the first txt2img and the img2img job
@@ -90,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         todo = jobs + (other_seed if config.components == 1 else [])
         print(f"{config.name}: {config.plan.world_size} processes, {len(todo)} jobs ...", file=sys.stderr, flush=True)
-        results[config], wall = run_config(config, args, todo)
+        results[config], wall = run_config(config, args, todo, devices)
         print(f"  done in {wall:.0f} s", file=sys.stderr, flush=True)
     one = results[configs[0]]
     seeds = {i: one[len(jobs) + n] for n, i in enumerate(seeded)}
@@ -134,14 +157,12 @@ def _table(rows: list[dict]) -> str:
 
 
 def _write_json(args: argparse.Namespace, rows: list[dict], argv: list[str] | None) -> None:
-    payload = {
+    write_json(args.json, {
         "command": "python -m engine.parallel.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
         "args": vars(args), "rows": rows,
-    }
-    with open(args.json, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2)
+    })
 
 
 if __name__ == "__main__":

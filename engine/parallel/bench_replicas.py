@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec
+from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
 from engine.parallel.replicas import ReplicaEngine, parse_devices
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
@@ -35,17 +34,13 @@ OFFER_SECONDS = 0.005
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine.parallel.bench_replicas", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="preset or model (default: small)")
-    parser.add_argument("--size", type=int, default=128, help="square frame size (default: 128)")
-    parser.add_argument("--t-index-list", default="32,45", help="denoising steps out of 50 (default: 32,45)")
-    parser.add_argument("--sessions", default="2,4", help="stream counts to measure (default: 2,4)")
-    parser.add_argument("--devices", default="cpu,cpu", help="one replica process each (default: cpu,cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row (default: 15)")
-    parser.add_argument("--warmup", type=float, default=8.0, help="untimed seconds first (default: 8)")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser = bench_parser("engine.parallel.bench_replicas", __doc__, size=128)
+    parser.add_argument("--t-index-list", default="32,45", help="denoising steps out of 50")
+    parser.add_argument("--sessions", default="2,4", help="stream counts to measure")
+    parser.add_argument("--devices", default="cpu,cpu", metavar="LIST",
+                        help=f"one replica process each: {DEVICES_HELP}")
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row")
+    parser.add_argument("--warmup", type=float, default=8.0, help="untimed seconds first")
     return parser
 
 
@@ -126,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['min_stream_fps']:>10.2f}/{b['max_stream_fps']:<10.2f}")
     print(f"\n{args.model} {args.size}x{args.size} t_index_list={args.t_index_list}, {args.threads} thread(s) per "
           f"process, devices {','.join(devices)}, torch {torch.__version__}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "rows": rows})
     return 0
 
 

@@ -12,13 +12,24 @@ not counted. Latency: the frame coming out of a call entered ``n − 1`` calls e
 and an asynchronous call's noise prediction is up to ``k − 1`` calls old (``stale``). Fidelity:
 PSNR of every timed call's frame against one device's frame for the same call (100: identical).
 First it checks how many cores k busy processes actually get (a shared machine gives fewer).
+
+The UNet stage, apart from the VAE and the scheduler math: each rank times, per call, the seconds
+it runs its UNet component and the seconds it waits for that component's inputs (the activations
+from earlier ranks; on rank 0 the noise prediction from rank k−1), and one device times its UNet
+calls the same way (the same rows, the same dtype; on CUDA, device times). All are means over the
+timed calls. ``UNet per rank s``: each rank's component per call (one device: its whole UNet).
+``UNet stage s``, the stage's period: one device, its UNet call; sharded-sync, the sum of the
+components (they run one after the other); sharded-async, the slowest component (they run at
+once): the stage's throughput were the VAE and the scheduler math elsewhere. ``with waits s``: the
+slowest rank's component plus waits per call, the stage as it ran here (the waits hold whatever
+the other ranks did meanwhile, the VAE on ranks 0 and k−1 included). ``stage speedup``: one
+device's ``UNet stage s`` over this mode's.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -27,13 +38,19 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
-from engine.config import StreamConfig
+from engine.backends import UNetFn, torch_unet
+from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec, load_components
+from engine.parallel.costs import COST_KINDS
 from engine.parallel.fidelity import MAX_PSNR, psnr
-from engine.parallel.sharded import ShardedStream
+from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
+from engine.parallel.replicas import parse_devices
+from engine.parallel.sharded import ShardedStream, StageTimes
+from engine.quiet import quiet_libraries
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
 
@@ -55,57 +72,150 @@ class Row:
     speedup: float = 1.0
     bytes_per_call: int = 0
     bounds: tuple[int, ...] = ()  # the cuts: component i runs blocks bounds[i]:bounds[i+1]
+    component_s: tuple[float, ...] = ()  # per rank: seconds running its UNet component, per call
+    wait_s: tuple[float, ...] = ()  # per rank: seconds waiting for that component's inputs, per call
+    unet_s: float = 0.0  # the UNet stage's period (module docstring)
+    unet_waits_s: float = 0.0  # the slowest rank's component plus waits
+    unet_speedup: float = 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser("engine.parallel.bench_stream", __doc__)
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--steps", default="1,4",
+                       help=f"denoising steps per frame, comma-separated, each one of {sorted(T_INDEX)}: "
+                            f"t_index_list {', '.join(f'{n}: {list(t)}' for n, t in T_INDEX.items())}")
+    steps.add_argument("--t-index-list", default=None,
+                       help="one configuration with these denoising steps out of 50, e.g. 20,35 (replaces --steps)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--procs", type=int, default=2, help="ranks of the sharded stream (k), CPU processes")
+    where.add_argument("--devices", default=None, metavar="LIST",
+                       help=f"one rank per device instead of --procs CPU processes: {DEVICES_HELP}")
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per configuration")
+    parser.add_argument("--cost", default="measured", choices=COST_KINDS,
+                        help="how block costs for the cuts are found")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.parallel.bench_stream", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="tiny, small, or any model spec")
-    parser.add_argument("--size", type=int, default=256, help="square frame size")
-    parser.add_argument("--steps", default="1,4", help="denoising steps per frame, comma-separated (1, 2 or 4)")
-    parser.add_argument("--procs", type=int, default=2, help="ranks of the sharded stream (k)")
-    parser.add_argument("--calls", type=int, default=10, help="timed calls per configuration")
-    parser.add_argument("--cost", default="measured", help="how block costs for the cuts are found")
-    parser.add_argument("--json", default=None, help="write the results here")
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
-def stream_config(args: argparse.Namespace, steps: int) -> StreamConfig:
-    return StreamConfig(t_index_list=T_INDEX[steps], width=args.size, height=args.size, cfg_type="self",
+def ranks(args: argparse.Namespace) -> tuple[str, ...]:
+    """One device per rank: ``--devices``, or ``--procs`` CPU processes; ``ValueError`` naming the flag."""
+    if args.devices is not None:
+        devices = parse_devices(args.devices)
+        if len(devices) < 2:
+            raise ValueError(f"--devices {args.devices!r}: a sharded stream needs at least 2 devices")
+        return devices
+    if args.procs < 2:
+        raise ValueError(f"--procs {args.procs}: a sharded stream needs at least 2 ranks")
+    return ("cpu",) * args.procs
+
+
+def schedules(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    """The t_index_lists to measure: ``--t-index-list``, or one per ``--steps`` entry; ``ValueError`` naming the flag."""
+    if args.t_index_list is not None:
+        return [parse_t_index_list(args.t_index_list)]
+    steps = [int(s) for s in args.steps.split(",")]
+    unknown = [n for n in steps if n not in T_INDEX]
+    if unknown:
+        raise ValueError(f"--steps {args.steps}: {unknown} not among {sorted(T_INDEX)}; or give --t-index-list")
+    return [T_INDEX[n] for n in steps]
+
+
+def stream_config(args: argparse.Namespace, t_index_list: tuple[int, ...]) -> StreamConfig:
+    return StreamConfig(t_index_list=t_index_list, width=args.size, height=args.size, cfg_type="self",
                         guidance_scale=1.2, prompt="a watercolour painting of a harbour")
 
 
-def one_device(args: argparse.Namespace, steps: int, frames: list) -> tuple[Row, list]:
-    torch.set_num_threads(1)
-    components = load_components(ModelSpec(model=args.model, lcm_lora="none", device="cpu"))
-    stream = StreamDiffusion(components, stream_config(args, steps))
+def rank_dtype(devices: tuple[str, ...]) -> str:
+    """What one device and the ranks compute in: fp16 on CUDA, fp32 on a CPU (as one device would)."""
+    return "float16" if torch.device(devices[0]).type == "cuda" else "float32"
+
+
+def one_device(args: argparse.Namespace, devices: tuple[str, ...], t_index_list: tuple[int, ...],
+               frames: list) -> tuple[Row, list]:
+    torch.set_num_threads(args.threads)
+    spec = ModelSpec(model=args.model, lcm_lora="none", device=devices[0], dtype=rank_dtype(devices))
+    components = load_components(spec)
+    unet = UNetTimer(torch_unet(components.unet))
+    stream = StreamDiffusion(components, stream_config(args, t_index_list), unet)
+    steps = len(t_index_list)
     untimed = steps + 1
-    outputs, seconds, _ = timed(stream, frames, untimed)
-    return row("one device", steps, 1, seconds, 0, outputs[untimed:], outputs[untimed:]), outputs
+    first: list[int] = []
+    outputs, seconds, _ = timed(stream, frames, untimed, lambda: first.append(len(unet.seconds)))
+    stage = statistics.fmean(unet.seconds[first[0]:])
+    found = row("one device", steps, 1, seconds, 0, outputs[untimed:], outputs[untimed:])
+    columns = {"component_s": (stage,), "wait_s": (0.0,), "unet_s": stage, "unet_waits_s": stage}
+    return Row(**{**asdict(found), **columns}), outputs
 
 
-def sharded(args: argparse.Namespace, steps: int, frames: list, reference: list) -> list[Row]:
-    rows = []
-    with ShardedStream(args.model, stream_config(args, steps), procs=args.procs, cost=args.cost) as stream:
-        warmup = stream.warmup_calls
+class UNetTimer:
+    """A UNet function that keeps each call's seconds (on CUDA, synchronised around the call: the device's time)."""
+
+    def __init__(self, unet: UNetFn) -> None:
+        self.unet = unet
+        self.seconds: list[float] = []
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        _synchronize(sample.device)
+        start = time.perf_counter()
+        prediction = self.unet(sample, timesteps, encoder_hidden_states)
+        _synchronize(sample.device)
+        self.seconds.append(time.perf_counter() - start)
+        return prediction
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sharded(args: argparse.Namespace, devices: tuple[str, ...], t_index_list: tuple[int, ...], frames: list,
+            reference: list) -> list[Row]:
+    rows, steps, k = [], len(t_index_list), len(devices)
+    with ShardedStream(args.model, stream_config(args, t_index_list), devices=devices, cost=args.cost,
+                       dtype=rank_dtype(devices), threads=args.threads) as stream:
+        untimed = untimed_calls(steps, k)  # the timed calls are all of one kind
         for mode, every, run in (("sharded-sync", 1, timed), ("sharded-async", None, timed),
                                  ("sharded-async, 2 in flight", None, timed_in_flight)):
             stream.resync_every = every
             stream.reset()
-            untimed = max(steps + 1, warmup)  # the timed calls are all of one kind
-            outputs, seconds, latency = run(stream, frames, untimed)
-            stale = 0 if every == 1 else args.procs - 1
-            found = row(mode, steps, args.procs, seconds, stale, outputs[untimed:], reference[untimed:],
+            marks: list[list[StageTimes]] = []
+            outputs, seconds, latency = run(stream, frames, untimed, lambda: marks.append(stream.stage_times()))
+            stages = [after.since(before) for after, before in zip(stream.stage_times(), marks[0])]
+            stale = 0 if every == 1 else k - 1
+            found = row(mode, steps, k, seconds, stale, outputs[untimed:], reference[untimed:],
                         stream.bytes_per_call)
-            rows.append(Row(**{**asdict(found), "latency_s": found.latency_s + latency, "bounds": stream.bounds}))
-    return rows
+            rows.append(Row(**{**asdict(found), "latency_s": found.latency_s + latency, "bounds": stream.bounds,
+                               **stage_columns(every == 1, stages)}))
     return rows
 
 
-def timed(stream, frames: list, untimed: int) -> tuple[list, list[float], float]:
-    """One call at a time: each call's seconds (frame in to frame out), and no extra latency."""
+def stage_columns(synchronous: bool, stages: list[StageTimes]) -> dict:
+    """A sharded mode's UNet-stage columns from each rank's times over the timed calls (module docstring)."""
+    compute = tuple(s.compute_per_call for s in stages)
+    waits = tuple(s.wait_per_call for s in stages)
+    return {"component_s": compute, "wait_s": waits, "unet_s": sum(compute) if synchronous else max(compute),
+            "unet_waits_s": max(c + w for c, w in zip(compute, waits))}
+
+
+def untimed_calls(steps: int, k: int) -> int:
+    """Calls before the timed ones: the stream batch full and the sharded stream's default warm-up
+    (``n + k − 2`` synchronous calls) over, so that every mode times ``--calls`` calls of one kind."""
+    return max(steps + 1, steps + k - 2)
+
+
+def timed(stream, frames: list, untimed: int, mark: Callable[[], object] = lambda: None
+          ) -> tuple[list, list[float], float]:
+    """One call at a time: each call's seconds (frame in to frame out), and no extra latency.
+    ``mark()`` runs just before the first timed call."""
     outputs, seconds = [], []
     for index, frame in enumerate(frames):
+        if index == untimed:
+            mark()
         start = time.perf_counter()
         outputs.append(stream(frame))
         if index >= untimed:
@@ -113,14 +223,18 @@ def timed(stream, frames: list, untimed: int) -> tuple[list, list[float], float]
     return outputs, seconds, 0.0
 
 
-def timed_in_flight(stream: ShardedStream, frames: list, untimed: int) -> tuple[list, list[float], float]:
+def timed_in_flight(stream: ShardedStream, frames: list, untimed: int, mark: Callable[[], object] = lambda: None
+                    ) -> tuple[list, list[float], float]:
     """The next call submitted before the last one's result is taken: seconds between results, and the
-    extra latency (a frame waits for the call before it: submit to result takes two periods, not one)."""
+    extra latency (a frame waits for the call before it: submit to result takes two periods, not one).
+    ``mark()`` runs when the timing starts (the first timed call is already in flight)."""
     outputs, seconds, waits = [], [], []
     submitted = [time.perf_counter()]
     stream.submit([frames[0]])
     last = time.perf_counter()
     for index in range(len(frames)):
+        if index == untimed:
+            mark()
         if index + 1 < len(frames):
             submitted.append(time.perf_counter())
             stream.submit([frames[index + 1]])
@@ -161,36 +275,54 @@ def free_cores(procs: int) -> float:
 
 def table(rows: list[Row]) -> str:
     lines = ["| mode | steps | procs | frames/s | call (s) | speedup | latency (calls / s) | stale (calls) "
-             "| PSNR mean / min (dB) | sent per call |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| PSNR mean / min (dB) | sent per call | UNet per rank (s) | UNet stage (s) | with waits (s) "
+             "| stage speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr_text = "exact" if r.psnr_min >= MAX_PSNR else f"{r.psnr_mean:.1f} / {r.psnr_min:.1f}"
         sent = f"{r.bytes_per_call / 1024:.0f} KiB" if r.bytes_per_call else "–"
         lines.append(f"| {r.mode} | {r.steps} | {r.procs} | {r.fps:.2f} | {r.call_s:.3f} | {r.speedup:.2f}× "
-                     f"| {r.latency_calls} / {r.latency_s:.2f} | {r.stale_calls} | {psnr_text} | {sent} |")
+                     f"| {r.latency_calls} / {r.latency_s:.2f} | {r.stale_calls} | {psnr_text} | {sent} "
+                     f"| {stage_text(r)} |")
     return "\n".join(lines)
+
+
+def stage_text(r: Row) -> str:
+    """The UNet-stage cells of a row: per rank, period, period with waits, speedup."""
+    if not r.component_s:
+        return "– | – | – | –"
+    per_rank = " / ".join(f"{c:.3f}" for c in r.component_s)
+    return f"{per_rank} | {r.unet_s:.3f} | {r.unet_waits_s:.3f} | {r.unet_speedup:.2f}×"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cores = free_cores(args.procs)
-    print(f"{args.procs} busy processes get {cores:.2f} cores here"
-          + ("" if cores > 0.8 * args.procs else ": the machine is shared, parallel modes cannot show their speed"),
-          file=sys.stderr, flush=True)
+    quiet_libraries()
+    try:
+        devices, configurations = ranks(args), schedules(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    k = len(devices)
+    cores = free_cores(k) if torch.device(devices[0]).type == "cpu" else None
+    if cores is not None:
+        print(f"{k} busy processes get {cores:.2f} cores here"
+              + ("" if cores > 0.8 * k else ": the machine is shared, parallel modes cannot show their speed"),
+              file=sys.stderr, flush=True)
     rows: list[Row] = []
-    for steps in (int(s) for s in args.steps.split(",")):
-        frames = [moving_frame(i, args.size, args.size) for i in range(args.calls + steps + 4)]
-        base, reference = one_device(args, steps, frames)
+    for t_index_list in configurations:
+        count = untimed_calls(len(t_index_list), k) + args.calls
+        frames = [moving_frame(i, args.size, args.size) for i in range(count)]
+        base, reference = one_device(args, devices, t_index_list, frames)
         rows.append(base)
-        for found in sharded(args, steps, frames, reference):
-            rows.append(Row(**{**asdict(found), "speedup": base.call_s / found.call_s}))
+        for found in sharded(args, devices, t_index_list, frames, reference):
+            rows.append(Row(**{**asdict(found), "speedup": base.call_s / found.call_s,
+                               "unet_speedup": base.unet_s / found.unet_s}))
         print(table(rows), file=sys.stderr, flush=True)
     print(table(rows))
-    if args.json:
-        record = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                  "cpus": os.cpu_count(), "free_cores": cores, "args": vars(args), "rows": [asdict(r) for r in rows]}
-        with open(args.json, "w") as out:
-            json.dump(record, out, indent=2)
+    write_json(args.json, {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+                           "cpus": os.cpu_count(), "free_cores": cores, "devices": list(devices), "args": vars(args),
+                           "rows": [asdict(r) for r in rows]})
     return 0
 
 
