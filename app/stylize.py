@@ -160,9 +160,6 @@ def _check_sharded(args: argparse.Namespace) -> None:
     if args.backend not in ("auto", "torch"):
         raise ValueError(f"--backend {args.backend} does not work with --parallel asyncdiff (its device processes "
                          f"run eager torch): leave --backend out or give torch")
-    if args.lcm_lora not in ("auto", "none"):
-        raise ValueError(f"--lcm-lora {args.lcm_lora} does not work with --parallel asyncdiff (its device processes "
-                         f"load the model without a LoRA): give a model with it fused, or leave --lcm-lora out")
     if args.resync_every is not None and args.resync_every < 1:
         raise ValueError(f"--resync-every={args.resync_every} must be at least 1 (leave it out: never)")
 
@@ -293,7 +290,8 @@ def open_stream(args: argparse.Namespace, config: StreamConfig,
                 devices: tuple[str, ...]) -> StreamDiffusion | TwoInFlight:
     """The stream the flags describe, loaded: sharded over ``devices`` (two or more), or on one device."""
     if len(devices) > 1:  # a hub model is fetched once here, not by each device process
-        return TwoInFlight(ShardedStream(local_model(model_spec(args)).model, config, devices=devices, vae=args.vae,
+        spec = local_model(model_spec(args))
+        return TwoInFlight(ShardedStream(spec.model, config, devices=devices, vae=spec.vae, lcm_lora=spec.lcm_lora,
                                          dtype=rank_dtype(args, devices), resync_every=args.resync_every))
     spec = model_spec(args) if not devices else replace(model_spec(args), device=devices[0])
     missing = backend_missing(args.backend, spec.resolved_device())

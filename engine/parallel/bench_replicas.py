@@ -6,9 +6,10 @@ For each number of streams S, the same streams run on one :class:`~engine.runtim
 process (its worker batches them into shared calls) and on a
 :class:`~engine.parallel.replicas.ReplicaEngine` with one process per ``--devices`` entry, each
 with ``--threads`` torch threads (this process gets as many, so that on a CPU each process
-stands for one device). Every stream is offered frames faster than it can take them (the newest
-wins), so the count of outputs in the timed window is the capacity; a warm-up window first
-fills every pipeline and the first calls of each size.
+stands for one device). Every stream is offered frames as a camera offers them (``--offer-fps``,
+30 by default), faster than it is served on a CPU (the newest wins), so the count of outputs in
+the timed window is the capacity; a warm-up window first fills every pipeline and the first
+calls of each size. On a GPU, raise ``--offer-fps`` above what one stream gets.
 """
 
 from __future__ import annotations
@@ -23,15 +24,11 @@ import torch
 
 from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec
-from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
+from engine.parallel.flags import DEVICES_HELP, bench_parser, say_free_cores, write_json
 from engine.parallel.replicas import ReplicaEngine, parse_devices
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
 from engine.synthetic import moving_frames
-
-#: how often each stream is offered a new frame: faster than any of them is served here
-OFFER_SECONDS = 0.005
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("engine.parallel.bench_replicas", __doc__, size=128)
@@ -41,11 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one replica process each: {DEVICES_HELP}")
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row")
     parser.add_argument("--warmup", type=float, default=8.0, help="untimed seconds first")
+    parser.add_argument("--offer-fps", type=float, default=30.0,
+                        help="frames offered to each stream per second, as a camera would (above what a stream gets)")
     return parser
 
 
-async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup: float, seconds: float) -> dict:
-    """``streams`` sessions offered frames without pause; their outputs counted over ``seconds`` after ``warmup``."""
+async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup: float, seconds: float,
+                offer_fps: float) -> dict:
+    """``streams`` sessions offered ``offer_fps`` frames a second; their outputs counted over ``seconds`` after
+    ``warmup``."""
     sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
     frames = moving_frames(30, size, size)
     start = time.monotonic()
@@ -57,7 +58,7 @@ async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup:
         while time.monotonic() < until:
             session.submit(frames[index % len(frames)])
             index += 1
-            await asyncio.sleep(OFFER_SECONDS)
+            await asyncio.sleep(1.0 / offer_fps)
 
     async def consume(session: Any, which: int) -> None:
         while time.monotonic() < until:
@@ -84,7 +85,8 @@ async def measure(args: argparse.Namespace, engine: Engine | ReplicaEngine, coun
         for streams in counts:
             print(f"  {type(engine).__name__}, {streams} streams, {args.warmup + args.seconds:.0f} s ...",
                   file=sys.stderr)
-            rows.append({"streams": streams, **await drive(engine, streams, args.size, args.warmup, args.seconds)})
+            rows.append({"streams": streams, **await drive(engine, streams, args.size, args.warmup, args.seconds,
+                                                        args.offer_fps)})
     return rows
 
 
@@ -96,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         counts = [int(part) for part in args.sessions.split(",")]
         config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=args.size,
                               height=args.size, cfg_type="self", guidance_scale=1.2)
+        if not 0 < args.offer_fps <= 1000:
+            raise ValueError(f"--offer-fps {args.offer_fps} is out of range; allowed: (0, 1000]")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    cores = say_free_cores(len(devices)) if torch.device(devices[0]).type == "cpu" else None
     torch.set_num_threads(args.threads)
     biggest = max(counts)
     spec = ModelSpec(model=args.model, device=str(torch.device(devices[0]).type))
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['min_stream_fps']:>10.2f}/{b['max_stream_fps']:<10.2f}")
     print(f"\n{args.model} {args.size}x{args.size} t_index_list={args.t_index_list}, {args.threads} thread(s) per "
           f"process, devices {','.join(devices)}, torch {torch.__version__}")
-    write_json(args.json, {"args": vars(args), "rows": rows})
+    write_json(args.json, {"args": vars(args), "free_cores": cores, "rows": rows})
     return 0
 
 

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -47,7 +45,7 @@ from engine.config import StreamConfig, parse_t_index_list
 from engine.models import ModelSpec, load_components
 from engine.parallel.costs import COST_KINDS
 from engine.parallel.fidelity import MAX_PSNR, psnr
-from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
+from engine.parallel.flags import DEVICES_HELP, bench_parser, say_free_cores, write_json
 from engine.parallel.replicas import parse_devices
 from engine.parallel.sharded import ShardedStream, StageTimes
 from engine.quiet import quiet_libraries
@@ -256,23 +254,6 @@ def row(mode: str, steps: int, procs: int, seconds: list[float], stale: int, out
                statistics.fmean(scores), min(scores), bytes_per_call=bytes_per_call)
 
 
-def _spin(iterations: int = 5_000_000) -> float:
-    start = time.perf_counter()
-    total = 0
-    for i in range(iterations):
-        total += i
-    return time.perf_counter() - start
-
-
-def free_cores(procs: int) -> float:
-    """How many cores ``procs`` busy processes get here (``procs`` on an idle machine): a shared machine check."""
-    context = multiprocessing.get_context("fork")  # before any model or thread exists: cheap and safe
-    with ProcessPoolExecutor(procs, mp_context=context) as pool:
-        alone = min(pool.submit(_spin).result() for _ in range(2))
-        together = max(pool.map(_spin, [5_000_000] * procs))
-    return procs * alone / together
-
-
 def table(rows: list[Row]) -> str:
     lines = ["| mode | steps | procs | frames/s | call (s) | speedup | latency (calls / s) | stale (calls) "
              "| PSNR mean / min (dB) | sent per call | UNet per rank (s) | UNet stage (s) | with waits (s) "
@@ -304,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     k = len(devices)
-    cores = free_cores(k) if torch.device(devices[0]).type == "cpu" else None
-    if cores is not None:
-        print(f"{k} busy processes get {cores:.2f} cores here"
-              + ("" if cores > 0.8 * k else ": the machine is shared, parallel modes cannot show their speed"),
-              file=sys.stderr, flush=True)
+    cores = say_free_cores(k) if torch.device(devices[0]).type == "cpu" else None
     rows: list[Row] = []
     for t_index_list in configurations:
         count = untimed_calls(len(t_index_list), k) + args.calls

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,3 +85,29 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+
+
+def free_cores(procs: int) -> float:
+    """How many cores ``procs`` busy processes get here (``procs`` on an idle machine): a shared machine check."""
+    context = multiprocessing.get_context("fork")  # before any model or thread exists: cheap and safe
+    with ProcessPoolExecutor(procs, mp_context=context) as pool:
+        alone = min(pool.submit(_spin).result() for _ in range(2))
+        together = max(pool.map(_spin, [5_000_000] * procs))
+    return procs * alone / together
+
+
+def say_free_cores(procs: int) -> float:
+    """Print :func:`free_cores` as a benchmark's first line (a CPU benchmark's speedups need it beside them)."""
+    cores = free_cores(procs)
+    print(f"{procs} busy processes get {cores:.2f} cores here"
+          + ("" if cores > 0.8 * procs else ": the machine is shared, parallel modes cannot show their speed"),
+          file=sys.stderr, flush=True)
+    return cores
+
+
+def _spin(iterations: int = 5_000_000) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i
+    return time.perf_counter() - start

@@ -72,6 +72,8 @@ class RankJob:
     cost: str = "estimated"
     #: (rank, call): that rank kills itself (SIGKILL) at the start of that call. For tests of failure.
     crash_at: tuple[int, int] | None = None
+    #: as :class:`~engine.models.ModelSpec`'s: ``auto`` fuses LCM-LoRA into SD 1.x models that need it
+    lcm_lora: str = "none"
 
 
 @dataclass
@@ -104,7 +106,7 @@ class ShardRank:
         self.rank, self.world, self.job, self.channels = rank, world, job, channels
         self.last = rank == world - 1
         config = job.config
-        components = load_components(ModelSpec(model=job.model, vae=job.vae, lcm_lora="none", device="cpu",
+        components = load_components(ModelSpec(model=job.model, vae=job.vae, lcm_lora=job.lcm_lora, device="cpu",
                                                dtype=job.dtype))
         self.dtype = components.dtype
         self.device = torch.device(job.devices[rank])

@@ -112,7 +112,8 @@ class ShardedStream:
     ``procs``: k CPU processes; or ``devices`` (``cpu`` or ``cuda:i``, one per rank). ``resync_every``:
     every N-th call starts ``warmup_calls`` synchronous calls (default ``n + k − 2``, see the module
     docstring); ``None``: only at start, :meth:`update` and :meth:`reset`. ``crash_at=(rank, call)``
-    kills that rank at that call (tests).
+    kills that rank at that call (tests). ``lcm_lora``: as :class:`~engine.models.ModelSpec`'s (``auto``
+    fuses LCM-LoRA into SD 1.x models that are not few-step already).
     """
 
     def __init__(self, model: str = "tiny", config: StreamConfig = StreamConfig(), *, procs: int | None = None,
@@ -120,7 +121,7 @@ class ShardedStream:
                  warmup_calls: int | None = None, vae: str = "tiny", dtype: str | None = None,
                  cost: str = "estimated", threads: int = 1, start_timeout_s: float = 300.0,
                  call_timeout_s: float = 120.0, idle_timeout_s: float = 3600.0,
-                 crash_at: tuple[int, int] | None = None) -> None:
+                 crash_at: tuple[int, int] | None = None, lcm_lora: str = "none") -> None:
         self.devices = _devices(procs, devices)
         k = len(self.devices)
         _check(config, cost, resync_every, warmup_calls)
@@ -138,7 +139,7 @@ class ShardedStream:
         self.pids: list[int] = []
         self._channels = _channels(config, k)
         self._stage_origin = self._channels.stages.clone()  # stage_times() counts from here
-        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at)
+        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at, lcm_lora)
         backend = "nccl" if torch.device(self.devices[0]).type == "cuda" else "gloo"
         group = GroupSpec(backend, idle_timeout_s, threads, self.devices)
         self._thread = threading.Thread(target=self._run_ranks, args=(job, group), daemon=True,
