@@ -314,3 +314,50 @@ def test_plans_and_requests_check_their_fields() -> None:
         Ranks(devices=("cuda:0", "cuda:0"))
     with pytest.raises(ValueError, match="all 'cpu' or all CUDA"):
         Ranks(devices=("cpu", "cuda:0"))
+
+
+def test_torchrun_starts_the_ranks_and_rank_0_reports(tmp_path) -> None:
+    """Two processes started as torchrun starts them (its environment; a file rendezvous instead of its TCP
+    store, so nothing listens): the same picture as the ranks ``launch`` spawns itself."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.test_main import ROOT
+
+    common = ["-m", "engine.parallel.asyncdiff", "--model", "tiny", "--steps", "4", "--width", "64", "--height", "64",
+              "--warmup-steps", "2", "--cost", "estimated"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    spawned = subprocess.run([sys.executable, *common, "--procs", "2", "--output", str(tmp_path / "spawned.png")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert spawned.returncode == 0, spawned.stderr
+    torchrun = {**env, "TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                "DIFFCAM_INIT_METHOD": f"file://{tmp_path / 'rendezvous'}"}
+    ranks = [subprocess.Popen([sys.executable, *common, "--output", str(tmp_path / "torchrun.png")], cwd=ROOT,
+                              env={**torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs = [rank.communicate(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "wrote" in outputs[0][0] and outputs[1][0] == "", "rank 0 reports, the others keep quiet"
+    same = np.asarray(Image.open(tmp_path / "spawned.png")), np.asarray(Image.open(tmp_path / "torchrun.png"))
+    assert np.array_equal(*same)
+
+
+def test_torchrun_with_the_wrong_number_of_processes_says_so(monkeypatch, capsys) -> None:
+    from engine.parallel import cli
+    from engine.parallel.launch import launch
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="torchrun started 3 processes, but this run needs 2"):
+        launch(print, 2)
+    assert cli.main(["--model", "tiny", "--procs", "3"]) == 2
+    assert "leave out --procs" in capsys.readouterr().err
+    assert cli.main(["--model", "tiny", "--devices", "cpu,cpu"]) == 2
+    assert "--devices names 2, but torchrun started 3 processes" in capsys.readouterr().err

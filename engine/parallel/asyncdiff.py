@@ -127,8 +127,10 @@ class AsyncDiffResult:
 
 
 def run_asyncdiff(ranks: Ranks, plan: AsyncDiffPlan, jobs: Sequence[AsyncDiffJob],
-                  started: Callable[[list[int]], None] | None = None) -> list[AsyncDiffResult]:
+                  started: Callable[[list[int]], None] | None = None) -> list[AsyncDiffResult] | None:
     """Generate each job's picture with AsyncDiff on ``plan.world_size`` processes, one per device.
+
+    Under ``torchrun`` this process is one of them, and only rank 0 gets the results (the others None).
 
     Raises :class:`~engine.parallel.launch.RankFailed` when a rank fails (the others are stopped first);
     ``started`` gets the ranks' pids as soon as they exist.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,13 +12,14 @@ import numpy as np
 
 from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks, run_asyncdiff
 from engine.parallel.costs import COST_KINDS
-from engine.parallel.launch import RankFailed
+from engine.parallel.launch import RankFailed, torchrun_rank
 from engine.parallel.sampling import SCHEDULERS, GenerationRequest
 
 EXAMPLES = """examples:
   python -m engine.parallel.asyncdiff --model tiny --procs 2 --steps 25 --width 64 --height 64 --output out.png
   python -m engine.parallel.asyncdiff --model small --procs 3 --stride 2 --steps 50 --warmup-steps 3 --compare
   python -m engine.parallel.asyncdiff --model stabilityai/stable-diffusion-2-1 --devices 0,1,2,3 --vae full
+  torchrun --nproc-per-node 2 -m engine.parallel.asyncdiff --steps 50    # torchrun starts the ranks (GPU i each)
 """
 
 
@@ -64,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         start = time.perf_counter()
-        result = run_asyncdiff(ranks, plan, [job])[0]
+        results = run_asyncdiff(ranks, plan, [job])
         wall = time.perf_counter() - start
+        if results is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return 0
+        result = results[0]
         reference = run_asyncdiff(_one_device(ranks), AsyncDiffPlan(components=1), [job])[0] if args.compare else None
     except RankFailed as error:
         print(f"error: {error}", file=sys.stderr)
@@ -105,6 +110,9 @@ def build(args: argparse.Namespace) -> tuple[Ranks, AsyncDiffPlan, AsyncDiffJob]
 
 
 def _devices(args: argparse.Namespace) -> tuple[str, ...]:
+    joined = torchrun_rank()
+    if joined is not None:
+        return _torchrun_devices(args, joined[1])
     if args.devices:
         names = [d.strip() for d in args.devices.split(",") if d.strip()]
         return tuple(f"cuda:{d}" if d.isdigit() else d for d in names)
@@ -112,6 +120,26 @@ def _devices(args: argparse.Namespace) -> tuple[str, ...]:
     if procs < 1:
         raise ValueError(f"--procs {procs} must be at least 1")
     return ("cpu",) * procs
+
+
+def _torchrun_devices(args: argparse.Namespace, world: int) -> tuple[str, ...]:
+    """Under torchrun, which started the processes: by default GPU ``LOCAL_RANK`` each (cpu without CUDA)."""
+    if args.procs is not None:
+        raise ValueError("torchrun started the processes: leave out --procs (--nproc-per-node sets how many)")
+    if args.compare:
+        raise ValueError("--compare runs one device after the ranks; under torchrun run it without --compare, "
+                         "then with --procs 1 or --devices naming one")
+    if args.devices:
+        names = [d.strip() for d in args.devices.split(",") if d.strip()]
+        if len(names) != world:
+            raise ValueError(f"--devices names {len(names)}, but torchrun started {world} processes")
+        return tuple(f"cuda:{d}" if d.isdigit() else d for d in names)
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("cpu",) * world
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return tuple(f"cuda:{rank % per_node}" for rank in range(world))
 
 
 def _one_device(ranks: Ranks) -> Ranks:

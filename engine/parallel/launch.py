@@ -8,6 +8,12 @@ own connections stay on the loopback interface. A rank that raises or dies is re
 after ``grace_s``) before it is raised, and a run that outlives ``timeout_s`` is stopped the
 same way. The children also die with this process (daemonic, and on Linux a parent-death
 signal), so a killed driver leaves no ranks behind.
+
+Under ``torchrun`` (which starts the processes itself and sets ``RANK``, ``WORLD_SIZE`` and
+``TORCHELASTIC_RUN_ID``), :func:`launch` spawns nothing: this process runs ``target`` as its rank
+in the group torchrun's rendezvous gives (``env://``; ``DIFFCAM_INIT_METHOD`` overrides it, e.g.
+``file:///path``), rank 0 gets the result and the other ranks None, and torchrun itself stops
+every rank when one fails.
 """
 
 from __future__ import annotations
@@ -64,6 +70,17 @@ def launch(target: RankTarget, world_size: int, args: tuple = (), *, group: Grou
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be at least 1")
+    joined = torchrun_rank()
+    if joined is not None:
+        rank, world = joined
+        if world != world_size:
+            raise ValueError(f"torchrun started {world} processes, but this run needs {world_size}: "
+                             f"torchrun --nproc-per-node {world_size} ...")
+        torch.set_num_threads(group.threads)
+        dist.init_process_group(group.backend, init_method=os.environ.get("DIFFCAM_INIT_METHOD", "env://"),
+                                rank=rank, world_size=world, timeout=timedelta(seconds=group.timeout_s),
+                                device_id=_set_device(group, rank))
+        return _run_rank(rank, target, args)
     with tempfile.TemporaryDirectory(prefix="diffcam-ranks-") as folder:
         context = mp.start_processes(_rank_entry, args=(world_size, folder, group, target, args),
                                      nprocs=world_size, join=False, daemon=True, start_method="spawn")
@@ -104,29 +121,50 @@ def _stop(context: mp.ProcessContext, grace_s: float) -> None:
         process.join()
 
 
+def torchrun_rank() -> tuple[int, int] | None:
+    """``(rank, world size)`` when ``torchrun`` started this process, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise ValueError("TORCHELASTIC_RUN_ID is set but RANK and WORLD_SIZE are not: start this under torchrun, "
+                         "or unset it") from None
+
+
 def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, target: RankTarget,
                 args: tuple) -> None:
     _die_with_parent()
     torch.set_num_threads(group.threads)
     if group.backend == "gloo" and sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback only
-    device = torch.device(group.devices[rank]) if group.devices else None
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        device = None
     store = dist.FileStore(str(Path(folder, "rendezvous")), world_size)
     dist.init_process_group(group.backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=group.timeout_s), device_id=device)
+                            timeout=timedelta(seconds=group.timeout_s), device_id=_set_device(group, rank))
+    result = _run_rank(rank, target, args)
+    if rank == 0:
+        partial = Path(folder, "result.pkl.partial")
+        partial.write_bytes(pickle.dumps(result))
+        partial.rename(Path(folder, "result.pkl"))
+
+
+def _set_device(group: GroupSpec, rank: int) -> torch.device | None:
+    """Make the rank's CUDA device current (before the group forms, so NCCL binds to it); None on the CPU."""
+    device = torch.device(group.devices[rank]) if group.devices else None
+    if device is None or device.type != "cuda":
+        return None
+    torch.cuda.set_device(device)
+    return device
+
+
+def _run_rank(rank: int, target: RankTarget, args: tuple) -> Any:
+    """``target`` as this rank of the group just formed; rank 0's result (None on the others)."""
     try:
-        result = target(rank, world_size, *args)
-        if rank == 0:
-            partial = Path(folder, "result.pkl.partial")
-            partial.write_bytes(pickle.dumps(result))
-            partial.rename(Path(folder, "result.pkl"))
+        result = target(rank, dist.get_world_size(), *args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    return result if rank == 0 else None
 
 
 def _die_with_parent() -> None:
