@@ -22,13 +22,15 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from app.sources import OPEN_TIMEOUT, Capture, SourceError, SourceReader, open_source
+from app.sources import OPEN_TIMEOUT, RECONNECT_S, Capture, SourceError, SourceReader, open_source
 from app.virtualcam import DEFAULT_FPS, MAX_FPS, VirtualCamera, VirtualCamError, open_camera
 from app.whip import WhipHub
 from engine.runtime import Engine
 
 #: seconds that stopping the sources and the virtual camera may take, together
 STOP_SECONDS = 2.0
+#: the longest --source-reconnect: a day
+MAX_RECONNECT_S = 86_400.0
 
 
 class LocalError(RuntimeError):
@@ -42,6 +44,9 @@ def add_local_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stylize a source read on this machine, without a browser: a camera index (0, 1, …), "
                             "a video file (looped at its own frame rate) or a stream URL (rtsp://…, http(s)://…); "
                             "repeat for more; each is a stream that /whep players can watch")
+    group.add_argument("--source-reconnect", type=float, default=RECONNECT_S, metavar="SECONDS",
+                       help="how long a camera or stream URL that stops is tried again before its stream ends "
+                            "(its stream stays the same meanwhile); 0 ends it at once")
     group.add_argument("--virtual-cam", nargs="?", const="", default=None, metavar="DEVICE",
                        help="send the stylized video to a virtual camera (OBS Virtual Camera on Windows/macOS, "
                             "v4l2loopback on Linux) that other apps can pick; DEVICE picks one, e.g. /dev/video10")
@@ -65,6 +70,8 @@ class LocalPlan:
     virtual_camera: VirtualCamera | None = None
     #: which capture feeds the virtual camera at start-up (an index into ``captures``); None: the first live stream
     camera_source: int | None = None
+    #: seconds a camera or stream that stops is tried again (``--source-reconnect``)
+    reconnect_s: float = RECONNECT_S
     attached: bool = False
 
     def close(self) -> None:
@@ -85,7 +92,7 @@ def plan_local(args: argparse.Namespace, size: tuple[int, int]) -> LocalPlan:
     :class:`LocalError` with one line. The plan's captures and camera are open: attach or close it.
     """
     check_local_args(args)
-    plan = LocalPlan()
+    plan = LocalPlan(reconnect_s=args.source_reconnect)
     try:
         for text in args.source or ():
             plan.captures.append(open_source(text, OPEN_TIMEOUT))
@@ -109,6 +116,9 @@ def check_local_args(args: argparse.Namespace) -> None:
                             ("--virtual-cam-source", args.virtual_cam_source)):
             if value is not None:
                 raise LocalError(f"{flag} sets up the virtual camera; add --virtual-cam")
+    if not 0 <= args.source_reconnect <= MAX_RECONNECT_S:
+        raise LocalError(f"--source-reconnect {args.source_reconnect:g} is out of range; allowed: "
+                         f"[0, {MAX_RECONNECT_S:g}] seconds (0: a source that stops ends its stream at once)")
     if not 1 <= args.virtual_cam_fps <= MAX_FPS:
         raise LocalError(f"--virtual-cam-fps {args.virtual_cam_fps:g} is out of range; allowed: [1, {MAX_FPS:g}]")
     if args.virtual_cam_source is not None and not 1 <= args.virtual_cam_source <= len(sources):
@@ -138,7 +148,7 @@ def attach_local(plan: LocalPlan, engine: Engine) -> Callable[[WhipHub], Abstrac
             stream_ids = []
             for capture in plan.captures:
                 session = await engine.open_session()
-                readers.append(SourceReader(capture, session, loop))
+                readers.append(SourceReader(capture, session, loop, plan.reconnect_s))
                 stream_ids.append(await hub.publish_local(session, capture.name))
                 readers[-1].start()
             if plan.virtual_camera is not None:

@@ -5,7 +5,11 @@ rate), ``--source rtsp://…`` (or http(s)://…) a stream; OpenCV reads them al
 opens one and reads its first frame, so a wrong path, a busy camera or a silent URL fails at
 start-up with one line that says what to do. :class:`SourceReader` then reads it on its own
 thread and hands the newest frame to its session on the event loop (older ones are dropped).
-A source that stops mid-run is logged once and closes its session, which ends its stream.
+A camera or stream that stops mid-run (a cable pulled, a network blip, a camera rebooting) is
+opened again, with a growing pause between tries, for up to ``reconnect_s`` seconds; its stream
+stays the same one meanwhile (players show the last picture), so nothing downstream has to
+reconnect. A source that does not come back, or a file that cannot be read, is logged once and
+closes its session, which ends its stream.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ DEFAULT_FPS = 30.0
 MAX_FPS = 240.0
 #: the clock of the pts given to sessions, as WebRTC video uses
 PTS_CLOCK = 90_000
+#: seconds a camera or stream that stopped is tried again before its stream ends
+RECONNECT_S = 30.0
+#: the pause after the first failed try to reopen a source; it doubles up to RETRY_MAX_S
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "srt", "udp")
 SourceKind = Literal["camera", "file", "stream"]
 
@@ -258,13 +266,18 @@ class SourceReader:
 
     A file is paced to its frame rate and loops; a camera or stream is read as fast as it delivers.
     Frames wait in a one-frame slot for the loop (the newest wins), so a busy loop never queues them.
-    A source that stops is logged once and closes the session; a session closed by others stops the reader.
+    A camera or stream that stops is opened again for up to ``reconnect_s`` seconds (0: never); one
+    that does not come back is logged once and closes the session. A session closed by others stops
+    the reader.
     """
 
-    def __init__(self, capture: Capture, session: Session, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, capture: Capture, session: Session, loop: asyncio.AbstractEventLoop,
+                 reconnect_s: float = RECONNECT_S) -> None:
         self.capture = capture
         self.session = session
         self.loop = loop
+        self.reconnect_s = reconnect_s
+        self.reconnects = 0  # times the source came back
         self.frames_read = 0
         self.ended: str | None = None  # why it stopped: "stopped", "source ended", "session closed", an error
         self._stop = threading.Event()
@@ -303,15 +316,48 @@ class SourceReader:
             self.capture.release()
 
     def _read_until_stopped(self) -> None:
-        pacer = Pacer(self.capture.fps) if self.capture.fps is not None else None
-        frame: np.ndarray | None = self.capture.first
-        while frame is not None and not self._stop.is_set():
-            self._offer(frame)
-            frame = self.capture.next_frame()
-            if pacer is not None:
-                pacer.wait(self._stop)
-        if not self._stop.is_set():
-            self._end("source ended")
+        while not self._stop.is_set():
+            pacer = Pacer(self.capture.fps) if self.capture.fps is not None else None
+            frame: np.ndarray | None = self.capture.first
+            while frame is not None and not self._stop.is_set():
+                self._offer(frame)
+                frame = self.capture.next_frame()
+                if pacer is not None:
+                    pacer.wait(self._stop)
+            if self._stop.is_set():
+                return
+            if self.capture.spec.kind == "file" or not self._reopen():  # a file that stops reading stays stopped
+                if not self._stop.is_set():
+                    self._end("source ended" if self.reconnect_s <= 0 or self.capture.spec.kind == "file"
+                              else f"source ended and did not come back within {self.reconnect_s:g} s")
+                return
+
+    def _reopen(self) -> bool:
+        """Open the stopped source again, pausing longer after each failed try, until ``reconnect_s`` runs
+        out or the reader is stopped; True once it gives frames again (``capture`` is then the new one)."""
+        if self.reconnect_s <= 0:
+            return False
+        log.warning("source %s stopped: trying to reopen it for up to %g s", self.name, self.reconnect_s)
+        self.capture.release()
+        deadline, pause = time.monotonic() + self.reconnect_s, RETRY_FIRST_S
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                capture = _Opening(self.capture.spec, min(OPEN_TIMEOUT, left)).capture()
+            except SourceError:
+                self._stop.wait(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(2 * pause, RETRY_MAX_S)
+                continue
+            if self._stop.is_set():
+                capture.release()
+                return False
+            self.capture = capture
+            self.reconnects += 1
+            log.warning("source %s is back; its stream goes on", self.name)
+            return True
+        return False
 
     def _offer(self, frame: np.ndarray) -> None:
         """Put ``frame`` in the slot; only an empty slot needs a call on the loop to empty it."""
@@ -346,5 +392,5 @@ class SourceReader:
             self.loop.call_soon_threadsafe(self.session.close)
 
 
-__all__ = ["Capture", "OPEN_TIMEOUT", "PTS_CLOCK", "SourceError", "SourceReader", "SourceSpec", "open_source",
+__all__ = ["Capture", "OPEN_TIMEOUT", "PTS_CLOCK", "RECONNECT_S", "SourceError", "SourceReader", "SourceSpec", "open_source",
            "redacted"]

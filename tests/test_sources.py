@@ -221,7 +221,8 @@ async def test_a_source_that_ends_ends_its_stream_and_the_rest_keep_serving(
     hub.add_listener(lambda *_: None, lambda _, published: ended.append(published.name))
     caplog.set_level(logging.WARNING, logger="app.sources")
     with serving(tmp_path) as url:
-        plan = plan_local(local_args("--source", str(clip), "--source", f"{url}/short.avi"), (SIZE, SIZE))
+        plan = plan_local(local_args("--source", str(clip), "--source", f"{url}/short.avi", "--source-reconnect", "0"),
+                          (SIZE, SIZE))
         async with attach_local(plan, engine)(hub):
             await until(lambda: ended, what="the HTTP stream ending at the end of its file")
             assert ended == [f"{url}/short.avi"]
@@ -235,6 +236,36 @@ async def test_a_source_that_ends_ends_its_stream_and_the_rest_keep_serving(
             assert len(warnings) == 1 and "short.avi" in warnings[0] and "keeps serving" in warnings[0], warnings
             session = await engine.open_session()  # and the engine still opens new sessions
             session.close()
+
+
+async def test_a_stream_that_stops_is_reopened_and_keeps_its_stream_until_it_stays_away(
+        engine, hub: WhipHub, tmp_path: Path, caplog) -> None:
+    short = write_clip(tmp_path / "short.avi", frames=30)
+    ended: list[str] = []
+    hub.add_listener(lambda *_: None, lambda _, published: ended.append(published.name))
+    caplog.set_level(logging.WARNING, logger="app.sources")
+    with serving(tmp_path) as url:
+        plan = plan_local(local_args("--source", f"{url}/short.avi", "--source-reconnect", "3"), (SIZE, SIZE))
+        async with attach_local(plan, engine)(hub):
+            # each time the HTTP stream reaches the end of its file, the reader opens it again
+            await until(lambda: "is back" in caplog.text, timeout=20, what="the stream reopened")
+            [(stream_id, published)] = hub.streams.items()
+            assert not ended and published.name == f"{url}/short.avi"
+            track = hub.subscribe(stream_id)
+            await frames_from(track, 3)  # the same stream goes on
+            track.stop()
+            started = time.monotonic()
+            short.unlink()  # now it cannot come back: tried for 3 s, then its stream ends
+            await until(lambda: ended, timeout=20, what="the stream ending once the source stayed away")
+            assert time.monotonic() - started >= 2.0, "it gave up before --source-reconnect ran out"
+            assert not hub.streams and engine.snapshot()["sessions_active"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("did not come back within 3 s" in m for m in messages), messages
+
+
+def test_source_reconnect_is_checked() -> None:
+    with pytest.raises(LocalError, match="--source-reconnect -1 is out of range"):
+        plan_local(local_args("--source-reconnect", "-1"), (SIZE, SIZE))
 
 
 async def test_attaching_more_sources_than_the_engine_takes_frees_everything(engine, hub: WhipHub, clip: Path) -> None:
