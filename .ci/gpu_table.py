@@ -46,6 +46,14 @@ def rows(folder: Path) -> list[tuple[str, str, str]]:
             methods = [k[: -len("_fps")] for k in stream if k.endswith("_fps")]
             cells = ", ".join(f"{m} {stream[f'{m}_fps']:.1f}" for m in methods)
             out.append((f"stream, {label}", cells + " fps", "record" if label == "4 steps" else ""))
+    components = load(folder, "bench-components.json")
+    if components:
+        for r in components["rows"]:
+            per = " / ".join(f"{ms:.2f}" for ms in r["component_ms"])
+            predicted = ", ".join(f"{name} {x:.2f}x" for name, x in r["predicted_speedup"].items())
+            out.append((f"UNet cut in {r['k']}, {r['steps']} step(s)",
+                        f"whole {r['whole_ms']:.2f} ms, parts {per} ms; predicted on {r['k']} GPUs: {predicted}",
+                        "record"))
     return out
 
 

@@ -205,3 +205,26 @@ def test_engine_bench_on_two_cpu_processes_runs_the_sharded_stream_benchmark(tmp
     assert list(rows) == ["one device", "sharded-sync", "sharded-async", "sharded-async, 2 in flight"]
     assert rows["sharded-sync"]["psnr_min"] >= MAX_PSNR and rows["sharded-sync"]["procs"] == 2
     assert "| sharded-async, 2 in flight | 2 | 2 |" in out
+
+
+def test_the_components_benchmark_times_each_part_and_prices_the_links(tmp_path) -> None:
+    """``engine.parallel.bench_components`` on the tiny preset: k parts timed, links sized, the model on paper."""
+    import json
+
+    from engine.parallel import bench_components
+
+    out = tmp_path / "components.json"
+    assert bench_components.main(["--model", "tiny", "--size", "64", "--steps", "32;20,35", "--k", "2,3",
+                                  "--repeats", "3", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [(r["steps"], r["k"]) for r in record["rows"]] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    for r in record["rows"]:
+        assert len(r["component_ms"]) == r["k"] == r["cuts"].count("|") + 1
+        assert all(ms > 0 for ms in r["component_ms"]) and r["whole_ms"] > 0
+        assert 0 < r["largest_link_mib"] <= r["all_links_mib"]
+        for name, rate in bench_components.LINKS.items():
+            link_ms = 1e3 * r["largest_link_mib"] * 2**20 / rate
+            assert abs(r["link_ms"][name] - link_ms) < 1e-9
+            period = max(max(r["component_ms"]), link_ms)
+            assert abs(r["predicted_speedup"][name] - r["whole_ms"] / period) < 1e-6
+    assert bench_components.main(["--model", "tiny", "--k", "1"]) == 2
