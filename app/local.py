@@ -20,13 +20,18 @@ import contextlib
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from app.sources import OPEN_TIMEOUT, RECONNECT_S, Capture, SourceError, SourceReader, open_source
-from app.virtualcam import DEFAULT_FPS, MAX_FPS, VirtualCamera, VirtualCamError, open_camera
-from app.whip import WhipHub
-from engine.runtime import Engine
 
+if TYPE_CHECKING:  # the virtual camera and the hub bring aiortc and PyAV: loaded when used, not for --help
+    from app.virtualcam import VirtualCamera
+    from app.whip import WhipHub
+    from engine.runtime import Engine
+
+#: the virtual camera's rate by default and at most (``--virtual-cam-fps``)
+VIRTUAL_CAM_FPS = 30.0
+MAX_VIRTUAL_CAM_FPS = 120.0
 #: seconds that stopping the sources and the virtual camera may take, together
 STOP_SECONDS = 2.0
 #: the longest --source-reconnect: a day
@@ -53,7 +58,7 @@ def add_local_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--virtual-cam-backend", default=None, metavar="NAME",
                        help="pyvirtualcam backend: v4l2loopback (Linux), obs, unitycapture (Windows) "
                             "(default: the first that works)")
-    group.add_argument("--virtual-cam-fps", type=float, default=DEFAULT_FPS, metavar="FPS",
+    group.add_argument("--virtual-cam-fps", type=float, default=VIRTUAL_CAM_FPS, metavar="FPS",
                        help="frames per second the virtual camera sends; the newest frame is repeated when the "
                             "model is slower")
     group.add_argument("--virtual-cam-source", type=int, default=None, metavar="N",
@@ -91,6 +96,8 @@ def plan_local(args: argparse.Namespace, size: tuple[int, int]) -> LocalPlan:
     Called before the model loads, so that a missing camera or file fails in seconds; raises
     :class:`LocalError` with one line. The plan's captures and camera are open: attach or close it.
     """
+    from app.virtualcam import VirtualCamera, VirtualCamError, open_camera
+
     check_local_args(args)
     plan = LocalPlan(reconnect_s=args.source_reconnect)
     try:
@@ -119,8 +126,9 @@ def check_local_args(args: argparse.Namespace) -> None:
     if not 0 <= args.source_reconnect <= MAX_RECONNECT_S:
         raise LocalError(f"--source-reconnect {args.source_reconnect:g} is out of range; allowed: "
                          f"[0, {MAX_RECONNECT_S:g}] seconds (0: a source that stops ends its stream at once)")
-    if not 1 <= args.virtual_cam_fps <= MAX_FPS:
-        raise LocalError(f"--virtual-cam-fps {args.virtual_cam_fps:g} is out of range; allowed: [1, {MAX_FPS:g}]")
+    if not 1 <= args.virtual_cam_fps <= MAX_VIRTUAL_CAM_FPS:
+        raise LocalError(f"--virtual-cam-fps {args.virtual_cam_fps:g} is out of range; allowed: "
+                         f"[1, {MAX_VIRTUAL_CAM_FPS:g}]")
     if args.virtual_cam_source is not None and not 1 <= args.virtual_cam_source <= len(sources):
         raise LocalError(f"--virtual-cam-source {args.virtual_cam_source} names no --source; allowed: "
                          + (f"1 to {len(sources)} (1 = the first --source)" if sources else "none: add --source"))

@@ -14,8 +14,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home fr
 
 from engine.config import CFG_TYPES, StreamConfig, parse_t_index_list, strength_to_t_index_list  # noqa: E402
 from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments, model_spec  # noqa: E402
-from engine.models import LOAD_STAGES, ModelUnavailableError  # noqa: E402
-from engine.presets import PRESETS  # noqa: E402
 from app.local import LocalError, add_local_arguments, plan_local  # noqa: E402
 
 
@@ -93,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
+    from engine.presets import PRESETS
+
     default_size = PRESETS[args.model].default_size if args.model in PRESETS else 512
     if args.strength is not None:
         t_index_list = strength_to_t_index_list(args.strength, args.steps, args.num_inference_steps)
@@ -188,6 +188,7 @@ def load(engine, args: argparse.Namespace) -> None:
     """Load, compile or build, and capture on the device's worker, with a progress bar; StartupError if it fails."""
     from tqdm import tqdm
 
+    from engine.models import LOAD_STAGES, ModelUnavailableError
     from engine.quiet import quiet_libraries
 
     quiet_libraries()
@@ -208,6 +209,8 @@ def load(engine, args: argparse.Namespace) -> None:
 
 
 def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
+    from engine.presets import PRESETS
+
     components = engine.components
     weights = " (random weights: the pictures are abstract)" if args.model in PRESETS else ""
     return (f"model {components.name}{weights}\n"
@@ -217,7 +220,9 @@ def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before anything heavy loads: --help and bad flags answer at once
+    from engine.models import ModelUnavailableError
+
     plan = None
     try:
         config = stream_config(args)

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 from urllib.parse import urlsplit
 
 # Our own message says what failed; FFmpeg's ("moov atom not found", ...) would only add lines before it.
@@ -33,7 +33,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.session import Session, SessionClosedError  # noqa: E402
+if TYPE_CHECKING:  # the engine brings torch: loaded when a source is served, not for --help
+    from engine.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,8 @@ class SourceReader:
             newest, self._newest = self._newest, None
         if newest is None or self._stop.is_set():
             return
+        from engine.session import SessionClosedError
+
         try:
             self.session.submit(newest[0], pts=newest[1])
         except SessionClosedError:  # ended by others (the stream was deleted, the engine stopped)

@@ -21,6 +21,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from app.local import VIRTUAL_CAM_FPS
 from app.whip import NotFound, Published, WhipHub
 
 if TYPE_CHECKING:
@@ -28,8 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FPS = 30.0
-MAX_FPS = 120.0
+DEFAULT_FPS = VIRTUAL_CAM_FPS  # the flag's default, in app.local
 #: grey level of the frame shown while no stream is live: dark, but visibly not a dead camera
 WAITING_LEVEL = 16
 
@@ -251,5 +251,5 @@ class VirtualCamera:
         return fitted
 
 
-__all__ = ["DEFAULT_FPS", "MAX_FPS", "VirtualCamError", "VirtualCamera", "install_hint", "open_camera",
+__all__ = ["DEFAULT_FPS", "VirtualCamError", "VirtualCamera", "install_hint", "open_camera",
            "waiting_frame"]

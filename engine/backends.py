@@ -28,6 +28,7 @@ from diffusers import UNet2DConditionModel
 
 from engine.components import Components
 from engine.config import StreamConfig
+from engine.names import BACKEND_CHOICES
 
 
 class UNetFn(Protocol):
@@ -61,8 +62,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-#: what ``--backend`` accepts: every backend, and ``auto``
-BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+assert BACKEND_CHOICES == ("auto", *BACKENDS), "engine.names.BACKEND_CHOICES must name every backend"
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

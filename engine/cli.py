@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from engine.backends import BACKEND_CHOICES
-from engine.models import DEFAULT_MODEL, ModelSpec
+from engine.names import BACKEND_CHOICES, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from engine.models import ModelSpec
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -32,6 +35,8 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The :class:`ModelSpec` the model flags describe."""
+    from engine.models import ModelSpec
+
     return ModelSpec(model=args.model, vae=args.vae, lcm_lora=args.lcm_lora, device=args.device, dtype=args.dtype)
 
 

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from engine.components import Components
+from engine.names import DEFAULT_MODEL
 from engine.presets import build_preset, is_preset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TAESD = "madebyollin/taesd"
 DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
 

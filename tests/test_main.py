@@ -18,6 +18,18 @@ from app import main as app_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_help_answers_before_torch_or_the_media_stack_loads() -> None:
+    """``python app/main.py --help`` answers in about a second: torch, diffusers, aiortc and PyAV take ten or more."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['app/main.py', '--help']\n"
+             "try:\n    runpy.run_path('app/main.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('loaded:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'aiortc', 'av', 'gradio')"
+             " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--source-reconnect" in done.stdout and done.stdout.strip().endswith("loaded: []"), done.stdout[-300:]
+
+
 def test_help_documents_every_flag_with_its_default(capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         app_main.main(["--help"])
