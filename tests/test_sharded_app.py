@@ -166,6 +166,22 @@ async def test_a_killed_rank_ends_the_session_and_new_ones_hear_why() -> None:
     assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 
 
+async def test_a_rank_that_dies_between_sessions_is_reported_within_seconds(caplog) -> None:
+    engine = ShardedEngine(replica_config())
+    await asyncio.wait_for(engine.start(), 120)
+    pids = list(engine.stream.pids)
+    try:
+        os.kill(pids[0], signal.SIGKILL)  # nobody is streaming
+        await wait_until(lambda: engine.snapshot()["failure"], 15, "the dead rank reported")
+        assert "rank 0" in engine.snapshot()["failure"]
+        assert any("restart diffcam" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        with pytest.raises(EngineBusyError, match="rank 0"):
+            await engine.open_session()
+    finally:
+        await asyncio.wait_for(engine.aclose(), 60)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+
+
 async def test_the_app_serves_one_peer_from_the_sharded_stream_and_tells_the_next_it_is_busy() -> None:
     engine = ShardedEngine(replica_config())
     app = engine_app(engine, ui=False, random_weights=True)

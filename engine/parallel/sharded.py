@@ -230,6 +230,10 @@ class ShardedStream:
         return [StageTimes(rank, float(row[COMPUTE]), float(row[WAIT]), int(row[CALLS]))
                 for rank, row in enumerate(table)]
 
+    def check(self) -> None:
+        """Raise :class:`RankFailed` (naming the rank and why) if the ranks stopped on their own; cheap."""
+        self._check_open()
+
     def resync(self) -> None:
         """Run the next ``warmup_calls`` calls synchronously (fresh activations on every rank)."""
         self._sync_left = self.warmup_calls

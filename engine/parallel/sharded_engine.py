@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch")
 #: how long a rank may wait for the next call: a server may sit without a session for days
 IDLE_S = 30 * 24 * 3600.0
+#: how often an idle driver looks at the ranks
+CHECK_S = 1.0
 
 
 def check_sharded(config: EngineConfig) -> None:
@@ -372,12 +374,19 @@ class ShardedEngine:
             (session is not None and session.has_pending)
 
     def _step(self) -> bool:
-        """One thing: a request, or a frame in, or a call's frames out. False once stopping."""
+        """One thing: a request, or a frame in, or a call's frames out. False once stopping.
+
+        Idle, it looks at the ranks every :data:`CHECK_S`, so a rank that dies between sessions is
+        reported then, not when the next session is refused."""
         with self._wakeup:
-            self._wakeup.wait_for(self._has_work)
+            busy = self._wakeup.wait_for(self._has_work, timeout=CHECK_S)
             if self._stopping:
                 return False
             request = self._requests.popleft() if self._requests else None
+        if not busy:
+            assert self.stream is not None
+            self.stream.check()
+            return True
         if request is not None:
             self._run(*request)
             return True
