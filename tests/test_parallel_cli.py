@@ -17,6 +17,7 @@ import pytest
 from engine import bench
 from engine.parallel import bench as bench_asyncdiff
 from engine.parallel import bench_replicas, bench_stream
+from engine.parallel.flags import schedules
 from engine.parallel.fidelity import MAX_PSNR
 from engine.parallel.flags import bench_parser, given_flags, write_json
 
@@ -135,9 +136,11 @@ def test_the_documented_defaults_still_hold() -> None:
     assert (stream.model, stream.size, stream.steps, stream.procs, stream.calls, stream.cost, stream.threads,
             stream.devices, stream.t_index_list) == ("small", 256, "1,4", 2, 10, "measured", 1, None, None)
     replicas = bench_replicas.build_parser().parse_args([])
-    assert (replicas.model, replicas.size, replicas.t_index_list, replicas.sessions, replicas.devices,
-            replicas.threads, replicas.seconds, replicas.warmup) == ("small", 128, "32,45", "2,4", "cpu,cpu", 1,
-                                                                     15.0, 8.0)
+    assert (replicas.model, replicas.size, replicas.sessions, replicas.devices, replicas.threads, replicas.seconds,
+            replicas.warmup, replicas.offer_fps) == ("small", 128, "2,4", "cpu,cpu", 1, 15.0, 8.0, 30.0)
+    assert schedules(replicas, fallback=(32, 45)) == [(32, 45)]  # neither --steps nor --t-index-list: as documented
+    assert schedules(bench_replicas.build_parser().parse_args(["--steps", "1,4"]), fallback=(32, 45)) == \
+        [(30,), (10, 20, 30, 40)]
 
 
 def test_the_sharded_stream_benchmark_reads_its_ranks_and_schedules() -> None:

@@ -20,11 +20,12 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from engine.config import StreamConfig, parse_t_index_list
+from engine.config import StreamConfig
 from engine.models import ModelSpec
-from engine.parallel.flags import DEVICES_HELP, bench_parser, say_free_cores, write_json
+from engine.parallel.flags import DEVICES_HELP, add_steps_arguments, bench_parser, say_free_cores, schedules, write_json
 from engine.parallel.replicas import ReplicaEngine, parse_devices
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
@@ -32,7 +33,7 @@ from engine.synthetic import moving_frames
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("engine.parallel.bench_replicas", __doc__, size=128)
-    parser.add_argument("--t-index-list", default="32,45", help="denoising steps out of 50")
+    add_steps_arguments(parser, default=None)  # neither given: t_index_list 32,45 (two steps), as before
     parser.add_argument("--sessions", default="2,4", help="stream counts to measure")
     parser.add_argument("--devices", default="cpu,cpu", metavar="LIST",
                         help=f"one replica process each: {DEVICES_HELP}")
@@ -52,6 +53,7 @@ async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup:
     start = time.monotonic()
     counting_from, until = start + warmup, start + warmup + seconds
     counts = [0] * streams
+    latencies: list[float] = []  # seconds from a frame's submission to its stylized frame, timed window
 
     async def offer(session: Any, offset: int) -> None:
         index = offset
@@ -63,11 +65,12 @@ async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup:
     async def consume(session: Any, which: int) -> None:
         while time.monotonic() < until:
             try:
-                await asyncio.wait_for(session.next_output(), max(0.01, until - time.monotonic()))
+                output = await asyncio.wait_for(session.next_output(), max(0.01, until - time.monotonic()))
             except asyncio.TimeoutError:
                 return
             if time.monotonic() >= counting_from:
                 counts[which] += 1
+                latencies.append(output.latency)
 
     try:
         await asyncio.gather(*(offer(s, 7 * i) for i, s in enumerate(sessions)),
@@ -76,7 +79,9 @@ async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup:
         for session in sessions:
             session.close()
     per_stream = [count / seconds for count in counts]
-    return {"fps": sum(per_stream), "min_stream_fps": min(per_stream), "max_stream_fps": max(per_stream)}
+    p50, p95 = (1e3 * float(np.percentile(latencies, q)) if latencies else float("nan") for q in (50, 95))
+    return {"fps": sum(per_stream), "min_stream_fps": min(per_stream), "max_stream_fps": max(per_stream),
+            "latency_ms_p50": p50, "latency_ms_p95": p95}
 
 
 async def measure(args: argparse.Namespace, engine: Engine | ReplicaEngine, counts: list[int]) -> list[dict]:
@@ -96,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices = parse_devices(args.devices)
         counts = [int(part) for part in args.sessions.split(",")]
-        config = StreamConfig(t_index_list=parse_t_index_list(args.t_index_list), width=args.size,
-                              height=args.size, cfg_type="self", guidance_scale=1.2)
+        configs = [StreamConfig(t_index_list=t, width=args.size, height=args.size, cfg_type="self",
+                                guidance_scale=1.2) for t in schedules(args, fallback=(32, 45))]
         if not 0 < args.offer_fps <= 1000:
             raise ValueError(f"--offer-fps {args.offer_fps} is out of range; allowed: (0, 1000]")
     except ValueError as error:
@@ -105,29 +110,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cores = say_free_cores(len(devices)) if torch.device(devices[0]).type == "cpu" else None
     torch.set_num_threads(args.threads)
+    rows = []
+    for config in configs:
+        rows += compare(args, config, devices, counts)
+    print("\n" + table(rows, len(devices)))
+    print(f"\n{args.model} {args.size}x{args.size}, {args.threads} thread(s) per process, devices "
+          f"{','.join(devices)}, {args.offer_fps:g} fps offered per stream, torch {torch.__version__}")
+    write_json(args.json, {"args": vars(args), "free_cores": cores, "rows": rows})
+    return 0
+
+
+def compare(args: argparse.Namespace, config: StreamConfig, devices: tuple[str, ...], counts: list[int]) -> list[dict]:
+    """One process against one replica per device, on ``config``, for each stream count."""
     biggest = max(counts)
     spec = ModelSpec(model=args.model, device=str(torch.device(devices[0]).type))
     one = Engine(EngineConfig(model=spec, stream=config, max_sessions=biggest, max_batch=biggest, idle_timeout=60))
     many = ReplicaEngine(EngineConfig(model=spec, stream=config, max_sessions=biggest * len(devices),
                                       max_batch=biggest, idle_timeout=60, devices=devices), threads=args.threads)
+    print(f"t_index_list={list(config.t_index_list)}:", file=sys.stderr)
     one.load()
     single = asyncio.run(measure(args, one, counts))
     many.load()
     replicated = asyncio.run(measure(args, many, counts))
+    return [{"steps": config.denoising_steps, "t_index_list": list(config.t_index_list), "streams": a["streams"],
+             "one": a, "replicas": b, "speedup": b["fps"] / a["fps"] if a["fps"] else float("nan")}
+            for a, b in zip(single, replicated)]
 
-    rows = []
-    print(f"\n{'streams':>7} {'one process fps':>15} {f'{len(devices)} replicas fps':>16} {'speedup':>7} "
-          f"{'replica stream min/max':>22}")
-    print("-" * 72)
-    for a, b in zip(single, replicated):
-        speedup = b["fps"] / a["fps"] if a["fps"] else float("nan")
-        rows.append({"streams": a["streams"], "one": a, "replicas": b, "speedup": speedup})
-        print(f"{a['streams']:>7} {a['fps']:>15.2f} {b['fps']:>16.2f} {speedup:>6.2f}x "
-              f"{b['min_stream_fps']:>10.2f}/{b['max_stream_fps']:<10.2f}")
-    print(f"\n{args.model} {args.size}x{args.size} t_index_list={args.t_index_list}, {args.threads} thread(s) per "
-          f"process, devices {','.join(devices)}, torch {torch.__version__}")
-    write_json(args.json, {"args": vars(args), "free_cores": cores, "rows": rows})
-    return 0
+
+def table(rows: list[dict], replicas: int) -> str:
+    lines = [f"| steps | streams | one process fps | {replicas} replicas fps | speedup | replica streams min / max fps "
+             "| latency p50 one / replicas (ms) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["one"], r["replicas"]
+        lines.append(f"| {r['steps']} | {r['streams']} | {a['fps']:.2f} | {b['fps']:.2f} | {r['speedup']:.2f}× "
+                     f"| {b['min_stream_fps']:.2f} / {b['max_stream_fps']:.2f} "
+                     f"| {a['latency_ms_p50']:.0f} / {b['latency_ms_p50']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

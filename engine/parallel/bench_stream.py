@@ -41,18 +41,18 @@ from typing import Callable
 import torch
 
 from engine.backends import UNetFn, torch_unet
-from engine.config import StreamConfig, parse_t_index_list
+from engine.config import StreamConfig
 from engine.models import ModelSpec, load_components
 from engine.parallel.costs import COST_KINDS
 from engine.parallel.fidelity import MAX_PSNR, psnr
-from engine.parallel.flags import DEVICES_HELP, bench_parser, say_free_cores, write_json
+from engine.parallel.flags import (DEVICES_HELP, add_steps_arguments, bench_parser, say_free_cores, schedules,
+                                   write_json)
 from engine.parallel.replicas import parse_devices
 from engine.parallel.sharded import ShardedStream, StageTimes
 from engine.quiet import quiet_libraries
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
 
-T_INDEX = {1: (30,), 2: (20, 35), 4: (10, 20, 30, 40)}
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,7 @@ class Row:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("engine.parallel.bench_stream", __doc__)
-    steps = parser.add_mutually_exclusive_group()
-    steps.add_argument("--steps", default="1,4",
-                       help=f"denoising steps per frame, comma-separated, each one of {sorted(T_INDEX)}: "
-                            f"t_index_list {', '.join(f'{n}: {list(t)}' for n, t in T_INDEX.items())}")
-    steps.add_argument("--t-index-list", default=None,
-                       help="one configuration with these denoising steps out of 50, e.g. 20,35 (replaces --steps)")
+    add_steps_arguments(parser, default="1,4")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--procs", type=int, default=2, help="ranks of the sharded stream (k), CPU processes")
     where.add_argument("--devices", default=None, metavar="LIST",
@@ -109,17 +104,6 @@ def ranks(args: argparse.Namespace) -> tuple[str, ...]:
     if args.procs < 2:
         raise ValueError(f"--procs {args.procs}: a sharded stream needs at least 2 ranks")
     return ("cpu",) * args.procs
-
-
-def schedules(args: argparse.Namespace) -> list[tuple[int, ...]]:
-    """The t_index_lists to measure: ``--t-index-list``, or one per ``--steps`` entry; ``ValueError`` naming the flag."""
-    if args.t_index_list is not None:
-        return [parse_t_index_list(args.t_index_list)]
-    steps = [int(s) for s in args.steps.split(",")]
-    unknown = [n for n in steps if n not in T_INDEX]
-    if unknown:
-        raise ValueError(f"--steps {args.steps}: {unknown} not among {sorted(T_INDEX)}; or give --t-index-list")
-    return [T_INDEX[n] for n in steps]
 
 
 def stream_config(args: argparse.Namespace, t_index_list: tuple[int, ...]) -> StreamConfig:

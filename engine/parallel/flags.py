@@ -23,6 +23,8 @@ from engine.cli import HelpFormatter
 
 #: ``--parallel`` choices: one stream's UNet cut over the devices, or one whole model per device
 PARALLEL_MODES = ("asyncdiff", "replicas")
+#: ``--steps N``: the t_index_list each number of denoising steps is measured with
+T_INDEX = {1: (30,), 2: (20, 35), 4: (10, 20, 30, 40)}
 
 DEVICES_HELP = "0,1 (CUDA indices), cuda:0,cuda:1, or cpu,cpu (each CPU process stands for a device)"
 PARALLEL_HELP = ("how several --devices share the work: asyncdiff (one stream's UNet cut into one component per "
@@ -56,6 +58,32 @@ def bench_parser(module: str, description: str | None, *, model: str = "small", 
                             help="torch threads per process (on a CPU, one each: every process stands for a core)")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser
+
+
+def add_steps_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--steps 1,4`` (configurations by number of steps, :data:`T_INDEX`) or ``--t-index-list 20,35`` (one)."""
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--steps", default=default,
+                       help=f"denoising steps per frame, comma-separated, each one of {sorted(T_INDEX)}: "
+                            f"t_index_list {', '.join(f'{n}: {list(t)}' for n, t in T_INDEX.items())}")
+    steps.add_argument("--t-index-list", default=None,
+                       help="one configuration with these denoising steps out of 50, e.g. 20,35 (replaces --steps)")
+
+
+def schedules(args: argparse.Namespace, fallback: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """The t_index_lists to measure: ``--t-index-list``, or one per ``--steps`` entry, or ``fallback``;
+    ``ValueError`` naming the flag."""
+    from engine.config import parse_t_index_list
+
+    if args.t_index_list is not None:
+        return [parse_t_index_list(args.t_index_list)]
+    if args.steps is None and fallback is not None:
+        return [fallback]
+    steps = [int(s) for s in str(args.steps).split(",")]
+    unknown = [n for n in steps if n not in T_INDEX]
+    if unknown:
+        raise ValueError(f"--steps {args.steps}: {unknown} not among {sorted(T_INDEX)}; or give --t-index-list")
+    return [T_INDEX[n] for n in steps]
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
