@@ -223,10 +223,10 @@ class _Opening:
 
 def _video_capture(spec: SourceSpec, timeout: float) -> cv2.VideoCapture:
     with _quiet_opencv():
-        if spec.kind == "stream":
-            ms = int(timeout * 1000)
+        if spec.kind == "stream":  # a reopen near the end of its window opens briefly, but reads as patiently
+            opening, reading = int(timeout * 1000), int(max(timeout, OPEN_TIMEOUT) * 1000)
             return cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG,
-                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, opening, cv2.CAP_PROP_READ_TIMEOUT_MSEC, reading])
         video = cv2.VideoCapture(spec.target)
         if spec.kind == "camera":
             video.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver's queue, where it has one: the newest frame wins

@@ -356,7 +356,7 @@ def test_torchrun_with_the_wrong_number_of_processes_says_so(monkeypatch, capsys
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="torchrun started 3 processes, but this run needs 2"):
-        launch(print, 2)
+        launch(print, 2, torchrun=True)
     assert cli.main(["--model", "tiny", "--procs", "3"]) == 2
     assert "leave out --procs" in capsys.readouterr().err
     assert cli.main(["--model", "tiny", "--devices", "cpu,cpu"]) == 2

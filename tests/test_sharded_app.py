@@ -142,6 +142,19 @@ class TestOneStreamShardedOverTwoRanks:
             session.close()
         assert output.frame.shape == (64, 64, 3)
         assert session.metrics.dropped > 0 and session.metrics.processed < 40
+        # frames came faster than calls: the driver kept a second call in flight behind the first
+        assert sharded.snapshot()["most_in_flight"] == 2
+
+    async def test_an_open_given_up_on_leaves_the_engine_serving(self, sharded) -> None:
+        import time
+
+        sharded.request(lambda: time.sleep(0.5))  # the driver is busy: the open below waits behind this
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(sharded.open_session(), 0.1)
+        await asyncio.sleep(0.6)  # the driver reaches the abandoned open, and must pass it by
+        session = await asyncio.wait_for(sharded.open_session(), WAIT_S)
+        session.close()
+        assert sharded.snapshot()["failure"] is None
 
 
 async def test_a_killed_rank_ends_the_session_and_new_ones_hear_why() -> None:

@@ -127,10 +127,12 @@ class AsyncDiffResult:
 
 
 def run_asyncdiff(ranks: Ranks, plan: AsyncDiffPlan, jobs: Sequence[AsyncDiffJob],
-                  started: Callable[[list[int]], None] | None = None) -> list[AsyncDiffResult] | None:
+                  started: Callable[[list[int]], None] | None = None,
+                  torchrun: bool = False) -> list[AsyncDiffResult] | None:
     """Generate each job's picture with AsyncDiff on ``plan.world_size`` processes, one per device.
 
-    Under ``torchrun`` this process is one of them, and only rank 0 gets the results (the others None).
+    With ``torchrun`` and under torchrun, this process is one of them, and only rank 0 gets the results
+    (the others None).
 
     Raises :class:`~engine.parallel.launch.RankFailed` when a rank fails (the others are stopped first);
     ``started`` gets the ranks' pids as soon as they exist.
@@ -141,7 +143,7 @@ def run_asyncdiff(ranks: Ranks, plan: AsyncDiffPlan, jobs: Sequence[AsyncDiffJob
     group = GroupSpec(ranks.backend, ranks.timeout_s, ranks.threads, ranks.devices)
     budget = ranks.timeout_s * (2 + len(jobs))
     return launch(_rank_main, plan.world_size, (ranks, plan, tuple(jobs)), group=group,
-                  timeout_s=budget, started=started)
+                  timeout_s=budget, started=started, torchrun=torchrun)
 
 
 def _rank_main(rank: int, world_size: int, ranks: Ranks, plan: AsyncDiffPlan,

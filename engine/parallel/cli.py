@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         start = time.perf_counter()
-        results = run_asyncdiff(ranks, plan, [job])
+        results = run_asyncdiff(ranks, plan, [job], torchrun=True)
         wall = time.perf_counter() - start
         if results is None:  # a rank other than 0 under torchrun: rank 0 reports
             return 0

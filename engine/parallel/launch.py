@@ -10,7 +10,7 @@ same way. The children also die with this process (daemonic, and on Linux a pare
 signal), so a killed driver leaves no ranks behind.
 
 Under ``torchrun`` (which starts the processes itself and sets ``RANK``, ``WORLD_SIZE`` and
-``TORCHELASTIC_RUN_ID``), :func:`launch` spawns nothing: this process runs ``target`` as its rank
+``TORCHELASTIC_RUN_ID``), ``launch(..., torchrun=True)`` spawns nothing: this process runs ``target`` as its rank
 in the group torchrun's rendezvous gives (``env://``; ``DIFFCAM_INIT_METHOD`` overrides it, e.g.
 ``file:///path``), rank 0 gets the result and the other ranks None, and torchrun itself stops
 every rank when one fails.
@@ -62,15 +62,16 @@ class GroupSpec:
 
 def launch(target: RankTarget, world_size: int, args: tuple = (), *, group: GroupSpec = GroupSpec(),
            timeout_s: float = 600.0, grace_s: float = 2.0,
-           started: Callable[[list[int]], None] | None = None) -> Any:
+           started: Callable[[list[int]], None] | None = None, torchrun: bool = False) -> Any:
     """Run ``target(rank, world_size, *args)`` on ``world_size`` ranks; rank 0's return value.
 
     ``started``, if given, gets the ranks' pids as soon as they exist (tests use it to check
-    that none is left over).
+    that none is left over). ``torchrun``: under torchrun, join its group as this process's rank
+    instead of spawning (a command's own choice: an app's engine always spawns its own ranks).
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be at least 1")
-    joined = torchrun_rank()
+    joined = torchrun_rank() if torchrun else None
     if joined is not None:
         rank, world = joined
         if world != world_size:

@@ -79,6 +79,7 @@ from engine.parallel.shard_rank import CALLS, COMPUTE, WAIT, Channels, RankJob, 
 
 POLL_S = 0.1
 MAX_IN_FLIGHT = 2  # shared-memory slots for frames in and out
+HISTORY = 4096  # calls sync_history keeps
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ class ShardedStream:
         self.warmup_calls = max(1, config.denoising_steps + k - 2) if warmup_calls is None else warmup_calls
         self.call_timeout_s = call_timeout_s
         self.calls = 0  # calls finished (taken with result()) since the start or the last reset
-        self.sync_history: list[bool] = []  # one entry per call: was it synchronous
+        self.sync_history: list[bool] = []  # one entry per recent call (the last HISTORY at least): was it synchronous
+        self.sync_calls = 0  # synchronous calls since the start or the last reset
         self._submitted = 0
         self._in_flight: deque[tuple[bool, str]] = deque()
         self._sync_left = self.warmup_calls
@@ -210,6 +212,9 @@ class ShardedStream:
         sync, kind = self._in_flight.popleft()
         slot = self.calls % MAX_IN_FLIGHT
         self.sync_history.append(sync)
+        self.sync_calls += sync
+        if len(self.sync_history) > 2 * HISTORY:  # a stream may run for days: keep the recent ones
+            del self.sync_history[:-HISTORY]
         self.calls += 1
         if self.calls < self.steps:
             return None
@@ -255,6 +260,7 @@ class ShardedStream:
         self._stage_origin = self._stages()
         self.calls = self._submitted = 0
         self.sync_history.clear()
+        self.sync_calls = 0
         self.resync()
 
     def close(self, timeout_s: float = 30.0) -> None:

@@ -84,6 +84,7 @@ class _Call:
 
     session: ShardedSession
     frame: PendingFrame
+    started: float  # when it was submitted (monotonic)
 
 
 class ShardedSession(OutputMailbox):
@@ -201,6 +202,9 @@ class ShardedEngine:
         self._stopping = False
         self._failure: str | None = None
         self._closed = False
+        self._call_s = 0.0  # how long a call takes the ranks, recent average: how long a frame may be waited for
+        self._last_result = 0.0
+        self.most_in_flight = 0
 
     async def __aenter__(self) -> "ShardedEngine":
         await self.start()
@@ -241,7 +245,8 @@ class ShardedEngine:
                              for info, device, pid in zip(stream.ranks, stream.devices, stream.pids)]
             snap["bounds"] = list(stream.bounds)
             snap["bytes_per_call"] = stream.bytes_per_call
-            snap["calls_synchronous"] = sum(stream.sync_history)
+            snap["calls_synchronous"] = stream.sync_calls
+        snap["most_in_flight"] = self.most_in_flight
         snap["failure"] = self._failure
         return snap
 
@@ -341,6 +346,10 @@ class ShardedEngine:
     def request(self, work: Callable[[], None], future: Future | None = None) -> None:
         """Have the driver run ``work`` between calls (``future`` gets its result or error)."""
         with self._wakeup:
+            if self._stopping or self._failure is not None:  # nobody is left to run it
+                if future is not None and not future.done():
+                    future.set_exception(EngineBusyError(self._failure or "the engine is shutting down"))
+                return
             self._requests.append((work, future))
             self._wakeup.notify()
 
@@ -349,8 +358,13 @@ class ShardedEngine:
         if session is not self._session or self.stream is None:
             return
         changes = _changes(self.stream.config, config)
-        if changes:
+        if not changes:
+            return
+        try:
             self.stream.update(**changes)
+        except ValueError as error:  # validated on the loop already; the stream may still refuse
+            session.metrics.errors += 1
+            session.deliver(FrameError(f"a parameter update of session {session.id} failed: {error}", -1))
 
     def _open(self, session: ShardedSession) -> None:
         assert self.stream is not None
@@ -381,6 +395,7 @@ class ShardedEngine:
         with self._wakeup:
             busy = self._wakeup.wait_for(self._has_work, timeout=CHECK_S)
             if self._stopping:
+                self._refuse_requests("the engine is shutting down")
                 return False
             request = self._requests.popleft() if self._requests else None
         if not busy:
@@ -396,11 +411,31 @@ class ShardedEngine:
             frame = session.take()
             if frame is not None:
                 submitted = self._submit(session, frame)
-        if self._calls and (not submitted or len(self._calls) == MAX_IN_FLIGHT):
-            self._finish()
+        if not self._calls or (submitted and len(self._calls) < MAX_IN_FLIGHT):
+            return True
+        if len(self._calls) < MAX_IN_FLIGHT and self._next_frame_comes(session):
+            return True  # the next step submits it: two calls in flight
+        self._finish()
         return True
 
+    def _next_frame_comes(self, session: ShardedSession | None) -> bool:
+        """With one call in flight: wait, for at most the rest of that call, for the next frame (or a request).
+
+        Taking the call's frames at once would block the driver in ``result()``, and a frame that came
+        meanwhile would wait for it: the ranks would run one call at a time. Submitting it first keeps
+        two in flight, rank 0 encoding the next frame while the last rank decodes this one."""
+        if session is None:
+            return False
+        rest = self._call_s - (time.monotonic() - self._calls[-1].started)
+        if rest <= 0:
+            return session.has_pending
+        with self._wakeup:
+            return self._wakeup.wait_for(lambda: self._stopping or bool(self._requests) or session.has_pending,
+                                         timeout=rest)
+
     def _run(self, work: Callable[[], None], future: Future | None) -> None:
+        if future is not None and not future.set_running_or_notify_cancel():
+            return  # the caller gave up (its session was ended then)
         try:
             work()
         except RankFailed:
@@ -425,7 +460,8 @@ class ShardedEngine:
             session.deliver(FrameError(f"frame {frame.frame_id} of session {session.id} failed: {error}",
                                        frame.frame_id))
             return False
-        self._calls.append(_Call(session, frame))
+        self._calls.append(_Call(session, frame, time.monotonic()))
+        self.most_in_flight = max(self.most_in_flight, len(self._calls))
         session.entered.append(frame)
         return True
 
@@ -434,9 +470,13 @@ class ShardedEngine:
         assert self.stream is not None
         started = time.monotonic()
         outputs = self.stream.result()
-        self.metrics.busy.add(started, time.monotonic())
+        done = time.monotonic()
+        self.metrics.busy.add(started, done)
         self.metrics.record_call(1)
         call = self._calls.popleft()
+        service = done - max(call.started, self._last_result)  # this call alone: from when the ranks could start it
+        self._call_s = service if self._call_s == 0.0 else 0.8 * self._call_s + 0.2 * service
+        self._last_result = done
         session = call.session
         session.metrics.processed += 1
         if outputs is None or session is not self._session or not session.entered:
@@ -453,12 +493,9 @@ class ShardedEngine:
 
     def _fail(self, message: str) -> None:
         log.error("%s; the session ends and new ones are refused (restart diffcam)", message)
-        self._failure = f"{message} (restart diffcam)"
         with self._wakeup:
-            requests, self._requests = list(self._requests), deque()
-        for _, future in requests:
-            if future is not None and not future.done():
-                future.set_exception(EngineBusyError(self._failure))
+            self._failure = f"{message} (restart diffcam)"
+            self._refuse_requests(self._failure)
         session, loop = self._session, self._loop
         if session is not None and loop is not None:
             reason = f"{message}; this stream has ended (reconnect after restarting diffcam)"
@@ -466,6 +503,13 @@ class ShardedEngine:
                 loop.call_soon_threadsafe(session.end, reason)
             except RuntimeError:  # the loop is closed
                 pass
+
+    def _refuse_requests(self, why: str) -> None:
+        """Fail every queued request (under ``_wakeup``): nobody will run them."""
+        requests, self._requests = list(self._requests), deque()
+        for _, future in requests:
+            if future is not None and not future.done():
+                future.set_exception(EngineBusyError(why))
 
     def _dtype(self) -> str:
         spec = self.config.model
