@@ -133,7 +133,40 @@ class OutputMailbox:
         self._output_ready.set()
 
 
-class Session(OutputMailbox):
+class NewestFrameSlot:
+    """The input side a session and the sharded stream's session share: one slot, the newest frame wins.
+
+    A subclass holds ``_lock``, ``_pending``, ``_ids`` and ``metrics``, and says how to wake whoever
+    takes frames (:meth:`_wake`) and what a closed session raises (``_closed_error``).
+    """
+
+    closed: bool
+    metrics: SessionMetrics
+    _lock: threading.Lock
+    _pending: PendingFrame | None
+    _ids: itertools.count
+
+    def _closed_error(self) -> SessionClosedError:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, frame: Frame, pts: Any = None) -> int:
+        """Offer a frame; returns its id. Never blocks: an older frame not taken yet is dropped."""
+        if self.closed:
+            raise self._closed_error()
+        frame_id = next(self._ids)
+        with self._lock:
+            if self._pending is not None:
+                self.metrics.dropped += 1
+            self._pending = PendingFrame(frame, frame_id, pts, time.monotonic())
+            self.metrics.frames_in += 1
+        self._wake()
+        return frame_id
+
+
+class Session(NewestFrameSlot, OutputMailbox):
     """Handle to one stream. Create it with :meth:`engine.runtime.Engine.open_session`."""
 
     def __init__(self, session_id: str, stream: StreamDiffusion, loop: asyncio.AbstractEventLoop,
@@ -161,18 +194,8 @@ class Session(OutputMailbox):
         with self._lock:
             return self._latest_config
 
-    def submit(self, frame: Frame, pts: Any = None) -> int:
-        """Offer a frame; returns its id. Never blocks: an unprocessed older frame is dropped."""
-        if self.closed:
-            raise SessionClosedError(f"session {self.id} is closed")
-        frame_id = next(self._ids)
-        with self._lock:
-            if self._pending is not None:
-                self.metrics.dropped += 1
-            self._pending = PendingFrame(frame, frame_id, pts, time.monotonic())
-            self.metrics.frames_in += 1
+    def _wake(self) -> None:
         self._wake_worker()
-        return frame_id
 
     def update(self, **params: Any) -> StreamConfig:
         """Validate now (``ValueError`` if bad, nothing changed); apply from the next frame on."""

@@ -26,3 +26,13 @@ def gpu_tiny():
     from engine.presets import build_preset
 
     return build_preset("tiny", device="cuda")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as in each rank of the several-device tests, so in-process references run the
+    same kernels and match the ranks bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,13 +42,7 @@ SEED_PSNR_CEILING = 20.0  # two seeds must stay below this, or the bound above w
 KILL_DEADLINE_S = 60.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as in each rank, so in-process references match the ranks bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(k: int, stride: int, jobs: list[AsyncDiffJob], **ranks):

@@ -43,13 +43,7 @@ LATE_MARGIN_DB = 3.0
 KILL_DEADLINE_S = 60.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as in each rank, so the one-device reference runs the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import signal
 import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 import uvicorn
 
 from app.client import Client, SyntheticCamera
@@ -30,13 +29,7 @@ from tests.test_replicas import STREAM, WAIT_S, frames, replica_config, wait_unt
 ALL_SYNC = 10**6  # warm-up calls: longer than any test, so every call is synchronous
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as in each rank, so the one-device reference runs the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest_asyncio.fixture(loop_scope="class", scope="class")

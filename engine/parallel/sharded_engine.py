@@ -37,15 +37,14 @@ from typing import Any, Callable
 import torch
 
 from engine.config import StreamConfig, updated_config
-from engine.image import Frame
 from engine.metrics import EngineMetrics, SessionMetrics, engine_snapshot, prometheus_text
 from engine.models import local_model
 from engine.parallel.launch import RankFailed
 from engine.parallel.replicas import ModelInfo
 from engine.parallel.sharded import MAX_IN_FLIGHT, ShardedStream
 from engine.runtime import EngineConfig, Progress
-from engine.session import (EngineBusyError, FrameError, Output, OutputMailbox, PendingFrame, SessionClosedError,
-                            reap_idle)
+from engine.session import (EngineBusyError, FrameError, NewestFrameSlot, Output, OutputMailbox, PendingFrame,
+                            SessionClosedError, reap_idle)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class _Call:
     started: float  # when it was submitted (monotonic)
 
 
-class ShardedSession(OutputMailbox):
+class ShardedSession(NewestFrameSlot, OutputMailbox):
     """The one stream a :class:`ShardedEngine` serves; the :class:`~engine.session.Session` interface."""
 
     def __init__(self, session_id: str, config: StreamConfig, engine: ShardedEngine,
@@ -112,18 +111,8 @@ class ShardedSession(OutputMailbox):
         with self._lock:
             return self._latest_config
 
-    def submit(self, frame: Frame, pts: Any = None) -> int:
-        """Offer a frame; returns its id. Never blocks: an older frame the driver has not taken is dropped."""
-        if self.closed:
-            raise SessionClosedError(self._end_reason)
-        frame_id = next(self._ids)
-        with self._lock:
-            if self._pending is not None:
-                self.metrics.dropped += 1
-            self._pending = PendingFrame(frame, frame_id, pts, time.monotonic())
-            self.metrics.frames_in += 1
+    def _wake(self) -> None:
         self._engine.wake()
-        return frame_id
 
     def update(self, **params: Any) -> StreamConfig:
         """Validate now (``ValueError`` if bad, nothing changed); the ranks apply it from the next call."""
