@@ -222,9 +222,11 @@ def describe(engine, config: StreamConfig, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before anything heavy loads: --help and bad flags answer at once
     from engine.models import ModelUnavailableError
+    from engine.parallel.torchrun import refuse_torchrun
 
     plan = None
     try:
+        refuse_torchrun("python app/main.py")
         config = stream_config(args)
         check_server_args(args)
         from app.serve import check_port

@@ -37,6 +37,7 @@ from engine.parallel.flags import add_parallel_arguments
 from engine.parallel.launch import RankFailed
 from engine.parallel.replicas import parse_devices
 from engine.parallel.sharded import MAX_IN_FLIGHT, ShardedStream
+from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
 from engine.stream import StreamDiffusion
 
@@ -128,6 +129,7 @@ def check_args(args: argparse.Namespace) -> OutputFormat:
 
 def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
     """``--devices`` as names, after refusing the combinations the sharded stream cannot run."""
+    refuse_torchrun("python -m app.stylize")
     devices = parse_devices(args.devices) if args.devices else ()
     if args.parallel == "replicas":
         raise ValueError("--parallel replicas spreads several live streams over the devices (python app/main.py "

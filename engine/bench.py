@@ -343,7 +343,9 @@ def run_parallel(args: argparse.Namespace, given: set[str], devices: tuple[str, 
 def bench_devices(args: argparse.Namespace) -> tuple[str, ...]:
     """``--devices`` as names (empty without it); ``ValueError`` for a bad list or ``--parallel`` with one device."""
     from engine.parallel.replicas import parse_devices
+    from engine.parallel.torchrun import refuse_torchrun
 
+    refuse_torchrun("python -m engine.bench")
     devices = parse_devices(args.devices) if args.devices else ()
     if args.parallel and len(devices) < 2:
         raise ValueError(f"--parallel {args.parallel} spreads the work over several devices: give --devices with "

@@ -166,6 +166,24 @@ def test_the_asyncdiff_benchmark_refuses_too_few_devices_before_starting() -> No
     assert bench_asyncdiff.named_devices(args, configs) == ("cpu",) * 3
 
 
+TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "test", "RANK": "1", "WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize("module", ["app.main", "app.stylize", "engine.bench", "engine.parallel.bench",
+                                    "engine.parallel.bench_stream", "engine.parallel.bench_replicas"])
+def test_commands_that_start_their_own_processes_refuse_torchrun(module, monkeypatch, capsys) -> None:
+    """N copies started by torchrun would each spawn a process per device (and the app would fight over its
+    port): each exits 2 before loading anything, naming the command to run instead."""
+    import importlib
+
+    for name, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(name, value)
+    argv = ["--input", "in.mp4", "--output", "out.mp4"] if module == "app.stylize" else []
+    assert importlib.import_module(module).main(argv) == 2
+    error = capsys.readouterr().err
+    assert "was started by torchrun (rank 1 of 2)" in error and "--devices 0,1" in error
+
+
 def test_given_flags_are_what_the_command_line_names() -> None:
     parser = bench_parser("x", None, size=64)
     parser.add_argument("--verbose", action="store_true")

@@ -26,6 +26,7 @@ from engine.parallel.fidelity import psnr, ssim
 from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
 from engine.parallel.replicas import parse_devices
 from engine.parallel.sampling import GenerationRequest
+from engine.parallel.torchrun import refuse_torchrun
 from engine.synthetic import moving_frame
 
 #: AsyncDiff paper, Table 1: SD 2.1, 50 DDIM steps, NVIDIA A5000s; (components, stride) → speedup.
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = [Config(1, 1)] + [Config(*map(int, c.split("x"))) for c in args.configs.split(",")]
     try:
+        refuse_torchrun("python -m engine.parallel.bench")
         devices = named_devices(args, configs)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -27,6 +27,7 @@ from engine.config import StreamConfig
 from engine.models import ModelSpec
 from engine.parallel.flags import DEVICES_HELP, add_steps_arguments, bench_parser, say_free_cores, schedules, write_json
 from engine.parallel.replicas import ReplicaEngine, parse_devices
+from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
 from engine.synthetic import moving_frames
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
+        refuse_torchrun("python -m engine.parallel.bench_replicas")
         devices = parse_devices(args.devices)
         counts = [int(part) for part in args.sessions.split(",")]
         configs = [StreamConfig(t_index_list=t, width=args.size, height=args.size, cfg_type="self",

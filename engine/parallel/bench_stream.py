@@ -49,6 +49,7 @@ from engine.parallel.flags import (DEVICES_HELP, add_steps_arguments, bench_pars
                                    write_json)
 from engine.parallel.replicas import parse_devices
 from engine.parallel.sharded import ShardedStream, StageTimes
+from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     try:
+        refuse_torchrun("python -m engine.parallel.bench_stream")
         devices, configurations = ranks(args), schedules(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

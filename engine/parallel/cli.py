@@ -12,7 +12,8 @@ import numpy as np
 
 from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks, run_asyncdiff
 from engine.parallel.costs import COST_KINDS
-from engine.parallel.launch import RankFailed, torchrun_rank
+from engine.parallel.launch import RankFailed
+from engine.parallel.torchrun import torchrun_rank
 from engine.parallel.sampling import SCHEDULERS, GenerationRequest
 
 EXAMPLES = """examples:

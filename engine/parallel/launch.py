@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.parallel.torchrun import torchrun_rank
+
 RankTarget = Callable[..., Any]  # target(rank, world_size, *args) -> result (rank 0's is returned)
 POLL_S = 0.2
 
@@ -120,17 +122,6 @@ def _stop(context: mp.ProcessContext, grace_s: float) -> None:
         if process.is_alive():
             process.kill()
         process.join()
-
-
-def torchrun_rank() -> tuple[int, int] | None:
-    """``(rank, world size)`` when ``torchrun`` started this process, else None."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
-        raise ValueError("TORCHELASTIC_RUN_ID is set but RANK and WORLD_SIZE are not: start this under torchrun, "
-                         "or unset it") from None
 
 
 def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, target: RankTarget,
