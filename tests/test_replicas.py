@@ -32,7 +32,7 @@ from engine.parallel.replica_frames import PREFIX, FrameSlots, to_model_rgb
 from engine.models import ModelUnavailableError
 from engine.parallel.replicas import ReplicaEngine, parse_devices, shares
 from engine.runtime import Engine, EngineConfig
-from engine.session import EngineBusyError, SessionClosedError
+from engine.session import EngineBusyError, FrameError, SessionClosedError
 from engine.synthetic import moving_frame
 
 SIZE = 64
@@ -201,6 +201,24 @@ class TestTwoReplicas:
             while output.pts != 59 and session.metrics.outputs < m.processed:
                 output = await asyncio.wait_for(session.next_output(), WAIT_S)
             assert output.pts == 59
+        finally:
+            session.close()
+
+    async def test_a_frame_that_cannot_be_sent_fails_alone(self, replicas) -> None:
+        """A frame the front cannot convert, or whose pts cannot be pickled, is that frame's error; the link
+        keeps sending (the next good frame comes out) and the session counts both errors."""
+        session = await replicas.open_session()
+        try:
+            session.submit(torch.rand(3, 80, 80).to_sparse(), pts=0)  # NotImplementedError, not ValueError
+            with pytest.raises(FrameError, match="frame 0 of session .* failed"):
+                await asyncio.wait_for(session.next_output(), WAIT_S)
+            session.submit(frames(1, seed=6)[0], pts=lambda: None)  # a local function does not pickle
+            with pytest.raises(FrameError, match="frame 1 of session .* failed"):
+                await asyncio.wait_for(session.next_output(), WAIT_S)
+            outputs = await lockstep(session, frames(len(STREAM.t_index_list), seed=7))
+            assert len(outputs) == 1 and outputs[0].frame.shape == (STREAM.height, STREAM.width, 3)
+            await asyncio.sleep(0.6)  # a stats report from the replica comes in, and keeps the front's count
+            assert session.metrics.errors == 2
         finally:
             session.close()
 

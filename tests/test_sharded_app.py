@@ -16,12 +16,13 @@ import signal
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 import uvicorn
 
 from app.client import Client, SyntheticCamera
 from app.serve import engine_app
 from engine.parallel.sharded_engine import ShardedEngine
-from engine.session import EngineBusyError, SessionClosedError
+from engine.session import EngineBusyError, FrameError, SessionClosedError
 from engine.stream import StreamDiffusion
 from engine.synthetic import moving_frame
 from tests.test_replicas import STREAM, WAIT_S, frames, replica_config, wait_until
@@ -147,7 +148,23 @@ class TestOneStreamShardedOverTwoRanks:
         await asyncio.sleep(0.6)  # the driver reaches the abandoned open, and must pass it by
         session = await asyncio.wait_for(sharded.open_session(), WAIT_S)
         session.close()
-        assert sharded.snapshot()["failure"] is None
+        snap = sharded.snapshot()
+        assert snap["failure"] is None
+        assert snap["sessions_closed"] <= snap["sessions_opened"]  # an open that never went through closes nothing
+
+    async def test_a_frame_that_breaks_fails_alone(self, sharded) -> None:
+        """Whatever a frame raises on its way in (here NotImplementedError, not ValueError) is that frame's
+        error: the session and the engine serve on."""
+        session = await sharded.open_session()
+        try:
+            session.submit(torch.rand(3, 80, 80).to_sparse(), pts=0)
+            with pytest.raises(FrameError, match="frame 0 of session .* failed: the frame cannot be used"):
+                await asyncio.wait_for(session.next_output(), WAIT_S)
+            got = await lockstep(session, frames(3, seed=5))
+        finally:
+            session.close()
+        assert [o.frame_id for o in got] == [1, 2] and got[0].frame.shape == (64, 64, 3)
+        assert session.metrics.errors == 1 and sharded.snapshot()["failure"] is None
 
 
 async def test_a_killed_rank_ends_the_session_and_new_ones_hear_why() -> None:

@@ -189,13 +189,26 @@ class ReplicaLink:
             messages, sessions = work
             try:
                 for message in messages:
-                    self.conn.send(message)
+                    self._send(message)
                 for session in sessions:
                     frame = session.fill_input()
-                    if frame is not None:
-                        self.conn.send(frame)
+                    if frame is not None and (error := self._send(frame)) is not None:
+                        _, _, slot, (frame_id, _, _) = frame
+                        session.frame_failed(slot, frame_id, error)
             except (BrokenPipeError, OSError):  # the process is gone; the reader reports it
                 return
+
+    def _send(self, message: tuple) -> Exception | None:
+        """Send ``message``; a message that cannot be pickled (a caller's odd pts, say) is not sent, and its
+        error returned, so that it fails alone. Pipe errors propagate: the process is gone."""
+        try:
+            self.conn.send(message)  # pickles whole before writing: a failed pickle writes nothing
+        except (BrokenPipeError, OSError):
+            raise
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.warning("%s: a %r message could not be sent: %s", self.name, message[0], error)
+            return error
+        return None
 
     def _next_work(self) -> tuple[list[tuple], list[ReplicaSession]] | None:
         with self._wake:

@@ -41,8 +41,13 @@ class ReplicaSession(OutputMailbox):
         self._free_in = list(range(SLOTS))
         self._ids = itertools.count()
         self._front_dropped = 0
+        self._front_errors = 0  # frames that failed here, before reaching the replica
         self.in_frames = FrameSlots.create(f"{link.process.pid}-{session_id}-in", config.height, config.width)
-        self.out_frames = FrameSlots.create(f"{link.process.pid}-{session_id}-out", config.height, config.width)
+        try:
+            self.out_frames = FrameSlots.create(f"{link.process.pid}-{session_id}-out", config.height, config.width)
+        except BaseException:
+            self.in_frames.release()  # nobody else holds it yet
+            raise
         self._end_reason = f"session {session_id} is closed"
         super().__init__()
 
@@ -107,9 +112,10 @@ class ReplicaSession(OutputMailbox):
         return SessionClosedError(self._end_reason)
 
     def counted(self, replica: dict) -> None:
-        """The replica's counters of this session (dropped there, processed, skipped, errors)."""
+        """The replica's counters of this session (dropped there, processed, skipped, errors), plus the front's."""
         self.metrics.dropped = self._front_dropped + replica.get("dropped", 0)
-        for name in ("processed", "skipped", "errors"):
+        self.metrics.errors = self._front_errors + replica.get("errors", 0)
+        for name in ("processed", "skipped"):
             setattr(self.metrics, name, replica.get(name, 0))
 
     # ------------------------------------------------------------ the link's threads
@@ -127,16 +133,27 @@ class ReplicaSession(OutputMailbox):
             slot = self._free_in.pop(0)
         try:
             rgb = to_model_rgb(frame, self.in_frames.shape[0], self.in_frames.shape[1])
-        except (ValueError, TypeError) as error:
-            self.input_freed(slot)
-            failure = FrameError(f"frame {frame_id} of session {self.id} failed: {error}", frame_id)
-            self._loop.call_soon_threadsafe(self.deliver, failure)
+        except Exception as error:  # noqa: BLE001 - whatever the frame is, it fails alone, here
+            self.frame_failed(slot, frame_id, error)
             return None
         with self._frames_lock:
             if self.closed:
                 return None
             self.in_frames.write(slot, rgb)
         return ("frame", self.id, slot, (frame_id, pts, submitted))
+
+    def frame_failed(self, slot: int, frame_id: int, error: BaseException) -> None:
+        """On the sender thread: the frame in ``slot`` cannot go to the replica; free the slot, tell the reader."""
+        self.input_freed(slot)
+        with self._lock:
+            self._front_errors += 1
+            self.metrics.errors += 1
+        failure = FrameError(f"frame {frame_id} of session {self.id} failed: {type(error).__name__}: {error}",
+                             frame_id)
+        try:
+            self._loop.call_soon_threadsafe(self.deliver, failure)
+        except RuntimeError:  # the loop is gone: nobody is left to tell
+            pass
 
     def input_freed(self, slot: int) -> None:
         with self._lock:

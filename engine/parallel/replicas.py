@@ -278,6 +278,8 @@ class ReplicaEngine:
             error = await future
         finally:
             self._opening.pop(session.id, None)
+        if self._closed:  # the answer came, but aclose() ran before this resumed: it will not close this one
+            raise RuntimeError("the engine shut down while the session was being opened")
         if error is not None:
             kind, message = error
             raise ERRORS.get(kind, RuntimeError)(f"{link.name}: {message}" if kind not in ERRORS else message)

@@ -198,7 +198,12 @@ class ShardedStream:
         self._check_open()
         slot, height, width = self._submitted % MAX_IN_FLIGHT, self.config.height, self.config.width
         for row, frame in enumerate(frames):  # fitted here exactly as one device's PixelLoader fits them
-            self._channels.frames[slot, row].copy_(fit(to_chw(frame, torch.device("cpu")), height, width))
+            try:
+                self._channels.frames[slot, row].copy_(fit(to_chw(frame, torch.device("cpu")), height, width))
+            except (ValueError, TypeError):
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever breaks on a frame is that frame's fault, said so
+                raise ValueError(f"the frame cannot be used: {type(error).__name__}: {error}") from error
         sync = self._next_is_sync()
         self._send(("call", sync, slot))
         self._in_flight.append((sync, frame_kind(frames[0])))

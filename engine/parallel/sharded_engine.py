@@ -101,6 +101,7 @@ class ShardedSession(NewestFrameSlot, OutputMailbox):
         self._pending: PendingFrame | None = None
         self._ids = itertools.count()
         self._end_reason = f"session {session_id} is closed"
+        self.opened = False  # set once its open went through: only then does its close count
         #: frames whose outputs are still to come, oldest first (the driver's)
         self.entered: deque[PendingFrame] = deque()
         super().__init__()
@@ -267,9 +268,13 @@ class ShardedEngine:
         """Load unless :meth:`load` did (the loop only waits), then serve. Idempotent."""
         if self._loop is not None:
             return
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()  # set first: a second start() meanwhile returns at once
         if self.stream is None:
-            await asyncio.to_thread(self.load)
+            try:
+                await asyncio.to_thread(self.load)
+            except BaseException:
+                self._loop = None  # not running: open_session refuses instead of waiting for a driver
+                raise
         self._driver = threading.Thread(target=self._drive, name="diffcam-sharded-driver", daemon=True)
         self._driver.start()
         self._reaper = asyncio.create_task(reap_idle(self.sessions, self.config.idle_timeout, self.metrics),
@@ -316,6 +321,7 @@ class ShardedEngine:
         except BaseException:
             session.end("the session could not be opened")
             raise
+        session.opened = True
         self.metrics.sessions_opened += 1
         return session
 
@@ -323,7 +329,7 @@ class ShardedEngine:
         """The session closed: the driver drops its calls in flight (on the loop)."""
         if self._session is session:
             self._session = None
-            self.metrics.sessions_closed += 1
+            self.metrics.sessions_closed += session.opened
         self.wake()
 
     # ------------------------------------------------------------ the driver thread
