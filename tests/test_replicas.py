@@ -290,6 +290,18 @@ async def test_a_killed_replica_ends_its_sessions_and_the_rest_serve_on(caplog) 
     assert not our_blocks(pids)
 
 
+async def test_loaded_but_never_started_replicas_stop_when_asked(caplog) -> None:
+    """``load()`` then ``aclose()`` (a start that failed after loading, say): the replicas are told to stop and
+    do, rather than being terminated after the shutdown timeout."""
+    caplog.set_level(logging.WARNING, logger="engine.parallel.replica_link")
+    engine = ReplicaEngine(replica_config())
+    await asyncio.to_thread(engine.load)
+    pids = [link.process.pid for link in engine.links]
+    await asyncio.wait_for(engine.aclose(), 30)
+    assert "did not stop" not in caplog.text
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+
+
 async def test_a_replica_that_cannot_load_is_named_and_nothing_is_left() -> None:
     before = set(multiprocessing.active_children())
     engine = ReplicaEngine(replica_config(model=ModelSpec("/no/such/model", device="cpu")))

@@ -116,7 +116,13 @@ class ReplicaLink:
 
     def stop(self, timeout: float, grace: float = 2.0) -> None:
         """Ask the process to stop; SIGTERM it after ``timeout``, SIGKILL after ``grace`` more (blocking)."""
-        self.post(("stop",))
+        if self._threads:
+            self.post(("stop",))
+        else:  # loaded but never started: no sender to carry the message, so say it here
+            try:
+                self.conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
         self.process.join(timeout)
         if self.process.is_alive():
             log.warning("%s did not stop within %.1fs; terminating it", self.name, timeout)

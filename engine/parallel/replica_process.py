@@ -16,6 +16,7 @@ skipped)``, ``("error", sid, front_frame_id, message)``, ``("closed", sid, why)`
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from engine.parallel.launch import _die_with_parent
 from engine.parallel.replica_frames import SLOTS, FrameSlots
 from engine.runtime import Engine, EngineConfig
 from engine.session import FrameError, Session, SessionClosedError
+
+log = logging.getLogger(__name__)
 
 STATS_PERIOD = 0.5
 TAGS_KEPT = 64  # replica frame id → front frame id, for naming failed frames
@@ -103,6 +106,9 @@ class ReplicaServer:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 message = ("stop",)
+            except Exception as error:  # noqa: BLE001 - a message that does not unpickle here is lost alone
+                log.warning("a message from the front could not be read: %s: %s", type(error).__name__, error)
+                continue
             loop.call_soon_threadsafe(self._handle, message)
             if message[0] == "stop":
                 return
