@@ -28,12 +28,13 @@ import numpy as np
 import uvicorn
 
 from app.serve import SHUTDOWN_SECONDS, engine_app
-from engine.bench import environment, write_json
+from engine.bench import environment
 from engine.bench_runtime import StreamStats, runtime_window
 from engine.cli import add_backend_argument
 from engine.config import StreamConfig
 from engine.models import ModelSpec
 from engine.null_model import build_null
+from engine.parallel.flags import write_json
 from engine.quiet import quiet_libraries
 from engine.runtime import Engine, EngineConfig
 from engine.synthetic import moving_frames

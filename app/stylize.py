@@ -1,12 +1,16 @@
 """Stylize a video file (or a synthetic clip) headlessly: ``python -m app.stylize --help``.
 
 The path of a frame: :mod:`app.media` reads the input (turned upright, sized for the model,
-keeping its aspect ratio); the stream stylizes it; :mod:`app.media` writes it at the input's
-timestamp in a codec browsers play, with the input's audio copied through.
+keeping its aspect ratio); the stream stylizes it (:mod:`app.stylizer`); :mod:`app.media` writes
+it at the input's timestamp in a codec browsers play, with the input's audio copied through.
 
 With ``--devices`` naming several (``--parallel asyncdiff``), the stream is a
 :class:`~engine.parallel.sharded.ShardedStream`, its UNet cut over one process per device, driven
-two calls deep (:class:`TwoInFlight`); the frames still come out in order, each at its own time.
+two calls deep (:class:`~app.stylizer.TwoInFlight`); the frames still come out in order, each at
+its own time.
+
+This module is the command line: it reads and checks the flags before torch, diffusers and PyAV
+load, so ``--help`` and a bad flag answer at once.
 """
 
 from __future__ import annotations
@@ -14,33 +18,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
-from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, cast
+from typing import TYPE_CHECKING
 
-import av
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from app.media import (FORMATS, MULTIPLE, SYNTHETIC_FRAMES, Clip, ClipWriter, Item, OutputFormat, Picture,
-                       can_encode, open_clip, progress_total)
-from engine.backends import backend_missing, resolve_backend
-from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments, model_spec
-from engine.components import Components
+from app.formats import FORMATS, MULTIPLE, SYNTHETIC_FRAMES, OutputFormat
+from engine.cli import HelpFormatter, add_backend_argument, add_model_arguments
 from engine.config import MAX_SIZE, MIN_SIZE, StreamConfig, parse_t_index_list, strength_to_t_index_list
-from engine.graphs import stream_runner
-from engine.models import ModelUnavailableError, load_components, local_model
 from engine.parallel.flags import add_parallel_arguments
-from engine.parallel.launch import RankFailed
-from engine.parallel.replicas import parse_devices
-from engine.parallel.sharded import MAX_IN_FLIGHT, ShardedStream
 from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
-from engine.stream import StreamDiffusion
 
+if TYPE_CHECKING:  # torch, diffusers and PyAV load once the flags are checked: --help answers before them
+    from app.media import Clip, ClipWriter
+    from app.stylizer import TwoInFlight
+    from engine.stream import StreamDiffusion
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> OutputFormat:
     """Refuse what cannot work before anything slow starts; returns the output's format."""
+    from app.media import can_encode
+
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames={args.frames} must be at least 1")
     if not MIN_SIZE <= args.size <= MAX_SIZE:
@@ -129,6 +124,8 @@ def check_args(args: argparse.Namespace) -> OutputFormat:
 
 def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
     """``--devices`` as names, after refusing the combinations the sharded stream cannot run."""
+    from engine.parallel.replicas import parse_devices
+
     refuse_torchrun("python -m app.stylize")
     devices = parse_devices(args.devices) if args.devices else ()
     if args.parallel == "replicas":
@@ -149,6 +146,8 @@ def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _check_present(devices: tuple[str, ...]) -> None:
     """Refuse GPUs this torch build does not see, before any device process starts."""
+    import torch
+
     seen = torch.cuda.device_count()
     missing = [d for d in devices if torch.device(d).type == "cuda" and (torch.device(d).index or 0) >= seen]
     if missing:
@@ -193,122 +192,10 @@ def stream_config(args: argparse.Namespace, width: int, height: int) -> StreamCo
     )
 
 
-# ------------------------------------------------------------------------ stylizing
-
-
-class TwoInFlight:
-    """A :class:`~engine.parallel.sharded.ShardedStream` behind one device's call, kept two calls deep.
-
-    Each call submits its picture before taking the oldest call's, so the first device encodes the
-    next picture while the last one decodes the one before (:mod:`engine.parallel.sharded`). A
-    picture comes back ``n`` calls after it went in, one more than on one device; :func:`stylize`
-    keeps the times of those in flight whatever the delay. ``calls`` counts the calls submitted.
-    """
-
-    def __init__(self, sharded: ShardedStream) -> None:
-        self.sharded = sharded
-        self.calls = 0
-
-    @property
-    def config(self) -> StreamConfig:
-        return self.sharded.config
-
-    def __call__(self, image: np.ndarray) -> np.ndarray | None:
-        """Submit ``image``; the oldest call's picture once two are in flight, else (or while warming up) None."""
-        self.sharded.submit([image])
-        self.calls += 1
-        if self.calls < MAX_IN_FLIGHT:
-            return None
-        result = self.sharded.result()
-        return None if result is None else cast(np.ndarray, result[0])
-
-    def update(self, **changes: object) -> None:
-        self.sharded.update(**changes)
-
-    def close(self) -> None:
-        """Stop the device processes (a call still in flight is dropped). Idempotent."""
-        self.sharded.close()
-
-
-def stylize(stream: StreamDiffusion | TwoInFlight, items: Iterable[Item], writer: ClipWriter,
-            progress: tqdm | None = None) -> int:
-    """Write each input picture's stylized picture at its time, in order; audio goes straight through.
-
-    A picture comes back ``n - 1`` calls after it went in (``n`` through :class:`TwoInFlight`), so
-    the times of those in flight wait in ``pending``; at the end the last picture is fed again
-    until they are all out. A picture the similarity filter skips shows what the picture before it
-    shows. Returns frames written.
-    """
-    pending: deque[list[Fraction]] = deque()
-    last: np.ndarray | None = None
-    for item in items:
-        if isinstance(item, av.Packet):
-            writer.write_audio(item)
-            continue
-        last = item.image
-        _feed(stream, item, pending, writer)
-        if progress is not None:
-            progress.update()
-    if stream.config.similarity_filter:
-        stream.update(similarity_filter=False)  # the filter would skip the repeated last picture
-    while pending and last is not None:
-        _emit(_call(stream, last), pending, writer)
-    return writer.frames
-
-
-def _feed(stream: StreamDiffusion | TwoInFlight, item: Picture, pending: deque[list[Fraction]],
-          writer: ClipWriter) -> None:
-    calls = stream.calls
-    output = _call(stream, item.image)
-    if stream.calls > calls:
-        pending.append([item.time])
-        _emit(output, pending, writer)
-    elif pending:  # skipped, its predecessor still in flight
-        pending[-1].append(item.time)
-    elif output is not None:  # skipped: the stream re-shows its predecessor's picture
-        writer.write_picture(output, item.time)
-
-
-def _call(stream: StreamDiffusion | TwoInFlight, image: np.ndarray) -> np.ndarray | None:
-    """One call of the stream: an array in, an array (or None while warming up) out."""
-    return cast("np.ndarray | None", stream(image))
-
-
-def _emit(output: np.ndarray | None, pending: deque[list[Fraction]], writer: ClipWriter) -> None:
-    if output is None:  # still warming up
-        return
-    for at in pending.popleft():
-        writer.write_picture(output, at)
-
-
-def fast_stream(components: Components, config: StreamConfig, backend: str) -> StreamDiffusion:
-    """The stream on ``backend``, its call captured as a CUDA graph on a GPU (this one thread owns the device)."""
-    runner = stream_runner(components, config, resolve_backend(backend, components.device),
-                           graphs=components.device.type == "cuda")
-    return StreamDiffusion(components, config, runner=runner)
-
-
-def open_stream(args: argparse.Namespace, config: StreamConfig,
-                devices: tuple[str, ...]) -> StreamDiffusion | TwoInFlight:
-    """The stream the flags describe, loaded: sharded over ``devices`` (two or more), or on one device."""
-    if len(devices) > 1:  # a hub model is fetched once here, not by each device process
-        spec = local_model(model_spec(args))
-        return TwoInFlight(ShardedStream(spec.model, config, devices=devices, vae=spec.vae, lcm_lora=spec.lcm_lora,
-                                         dtype=rank_dtype(args, devices), resync_every=args.resync_every))
-    spec = model_spec(args) if not devices else replace(model_spec(args), device=devices[0])
-    missing = backend_missing(args.backend, spec.resolved_device())
-    if missing is not None:
-        raise ValueError(f"--backend {args.backend} needs {missing}")
-    return fast_stream(load_components(spec), config, args.backend)
-
-
-def rank_dtype(args: argparse.Namespace, devices: tuple[str, ...]) -> str:
-    """``--dtype`` as the sharded ranks take it; by default what one of ``devices`` would use (fp16 on CUDA)."""
-    return str(model_spec(args).resolved_dtype(torch.device(devices[0]))).removeprefix("torch.")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch, diffusers and PyAV load: --help and bad flags answer at once
+    from app.media import open_clip
+
     quiet_libraries()
     try:
         output_format = check_args(args)
@@ -323,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, clip: Clip, output_format: OutputFormat, devices: tuple[str, ...]) -> int:
+    from app.stylizer import open_stream
+    from engine.models import ModelUnavailableError
+
     try:
         width, height = output_size(clip.shown_size, args.size, args.width, args.height)
         stream = open_stream(args, stream_config(args, width, height), devices)
@@ -336,6 +226,12 @@ def _run(args: argparse.Namespace, clip: Clip, output_format: OutputFormat, devi
 
 def _write(args: argparse.Namespace, clip: Clip, output_format: OutputFormat,
            stream: StreamDiffusion | TwoInFlight) -> int:
+    import av
+
+    from app.media import ClipWriter, progress_total
+    from app.stylizer import stylize
+    from engine.parallel.launch import RankFailed
+
     output, width, height = Path(args.output), stream.config.width, stream.config.height
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -359,25 +255,14 @@ def _write(args: argparse.Namespace, clip: Clip, output_format: OutputFormat,
 
 
 def _summary(stream: StreamDiffusion | TwoInFlight, args: argparse.Namespace, writer: ClipWriter) -> str:
+    from app.stylizer import where
+
     config = stream.config
     audio = "no audio" if writer.audio is None else \
         f"audio {writer.audio.codec_context.name} ({'copied' if writer.audio_copied else 're-encoded'})"
-    return (f"{_where(stream, args)}, {config.width}x{config.height}, "
+    return (f"{where(stream, args)}, {config.width}x{config.height}, "
             f"t_index_list={config.t_index_list}, cfg={config.cfg_type}; "
             f"video {writer.video.codec_context.name} at {writer.video.codec_context.framerate} fps, {audio}")
-
-
-def _where(stream: StreamDiffusion | TwoInFlight, args: argparse.Namespace) -> str:
-    """Which model runs where, and how."""
-    if isinstance(stream, TwoInFlight):
-        sharded = stream.sharded
-        resync = f" and every {sharded.resync_every} calls" if sharded.resync_every else ""
-        return (f"model {args.model} sharded over {','.join(sharded.devices)} ({rank_dtype(args, sharded.devices)}), "
-                f"--parallel asyncdiff: {sharded.components} UNet components, {sharded.warmup_calls} synchronous "
-                f"calls at the start{resync}, two calls in flight; backend torch")
-    components = stream.components
-    return (f"model {components.name} on {components.device} ({components.dtype}), "
-            f"backend {resolve_backend(args.backend, components.device)}")
 
 
 def _fail(error: BaseException, code: int = 2) -> int:

@@ -25,9 +25,10 @@ from typing import Callable
 import numpy as np
 
 from engine.batch import FrameJob, run_jobs
-from engine.bench import bench_config, environment, write_json
+from engine.bench import bench_config, environment
 from engine.config import StreamConfig
 from engine.models import ModelSpec
+from engine.parallel.flags import write_json
 from engine.runtime import Engine, EngineConfig
 from engine.session import Session
 from engine.stream import StreamDiffusion

@@ -6,3 +6,7 @@ from __future__ import annotations
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 #: what ``--backend`` accepts: ``auto`` and every backend of :data:`engine.backends.BACKENDS`
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "torch", "compile", "trt")
+#: what ``--cost`` accepts: how :mod:`engine.parallel.costs` finds what each UNet block costs
+COST_KINDS: tuple[str, ...] = ("estimated", "measured")
+#: what ``--scheduler`` accepts: every scheduler of :data:`engine.parallel.sampling.SCHEDULERS`
+SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "euler")

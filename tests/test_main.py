@@ -30,6 +30,31 @@ def test_help_answers_before_torch_or_the_media_stack_loads() -> None:
     assert "--source-reconnect" in done.stdout and done.stdout.strip().endswith("loaded: []"), done.stdout[-300:]
 
 
+#: every other command: its module (run as ``python -m``) and a flag its ``--help`` names
+COMMANDS = [("app.stylize", "--crop"), ("engine.bench", "--skip-diffusers"),
+            ("engine.parallel.asyncdiff", "--warmup-steps"), ("engine.parallel.bench_stream", "--calls"),
+            ("engine.parallel.bench_replicas", "--offer-fps"), ("engine.parallel.bench", "--configs"),
+            ("engine.parallel.bench_components", "--repeats")]
+
+
+@pytest.mark.parametrize("module,flag", COMMANDS)
+def test_every_command_answers_help_and_bad_flags_before_torch_loads(module, flag) -> None:
+    """``python -m <module> --help`` (exit 0) and an unknown flag (exit 2) answer before torch, diffusers,
+    transformers or PyAV load: the parser and its checks need none of them."""
+    probe = ("import runpy, sys\n"
+             "for flag in ('--help', '--no-such-flag'):\n"
+             f"    sys.argv = [{module!r}, flag]\n"
+             "    try:\n"
+             f"        runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+             "    except SystemExit as exit:\n"
+             "        print('exit', exit.code)\n"
+             "print('loaded:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'av') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert flag in done.stdout and "exit 0\nexit 2\n" in done.stdout, done.stdout[-300:] + done.stderr[-300:]
+    assert done.stdout.strip().endswith("loaded: []"), done.stdout[-300:]
+
+
 def test_help_documents_every_flag_with_its_default(capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         app_main.main(["--help"])

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from engine import bench
+from engine import bench, bench_methods
 from engine.parallel import bench as bench_asyncdiff
 from engine.parallel import bench_replicas, bench_stream
 from engine.parallel.flags import schedules
@@ -93,7 +93,7 @@ def test_one_device_is_the_one_device_benchmark_on_it(handed, monkeypatch) -> No
         specs.append(spec)
         raise Loaded
 
-    monkeypatch.setattr(bench, "load_components", load)
+    monkeypatch.setattr(bench_methods, "load_components", load)
     with pytest.raises(Loaded):
         bench.main(["--devices", "cpu", "--preset", "tiny", "--skip-diffusers"])
     assert handed == {} and [(s.model, s.device) for s in specs] == [("tiny", "cpu")]

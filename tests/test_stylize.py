@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from app import media, stylize
+from app import media, stylize, stylizer
 
 FPS, WIDTH, HEIGHT, FRAMES, SAMPLE_RATE = 10, 96, 64, 8, 16000
 
@@ -227,7 +227,7 @@ def test_output_frame_i_is_input_frame_i(clip, tmp_path, skip, shown) -> None:
     try:
         with media.ClipWriter(output, media.FORMATS[".mp4"], WIDTH, HEIGHT, source.rate, source.time_base,
                                 source.audio) as writer:
-            written = stylize.stylize(DelayLine(steps=3, skip=skip), source.items(WIDTH, HEIGHT, False, None),
+            written = stylizer.stylize(DelayLine(steps=3, skip=skip), source.items(WIDTH, HEIGHT, False, None),
                                       writer)
     finally:
         source.close()
@@ -435,7 +435,7 @@ def test_two_in_flight_keeps_output_frame_i_at_input_frame_i(clip, tmp_path, ste
     try:
         with media.ClipWriter(output, media.FORMATS[".mp4"], WIDTH, HEIGHT, source.rate, source.time_base,
                               source.audio) as writer:
-            written = stylize.stylize(stylize.TwoInFlight(sharded), source.items(WIDTH, HEIGHT, False, None), writer)
+            written = stylizer.stylize(stylizer.TwoInFlight(sharded), source.items(WIDTH, HEIGHT, False, None), writer)
     finally:
         source.close()
     found = probe(output)
@@ -448,7 +448,7 @@ def test_two_in_flight_keeps_output_frame_i_at_input_frame_i(clip, tmp_path, ste
 @pytest.fixture
 def fake_sharded(monkeypatch):
     FakeSharded.instances.clear()
-    monkeypatch.setattr(stylize, "ShardedStream", FakeSharded)
+    monkeypatch.setattr(stylizer, "ShardedStream", FakeSharded)
     return FakeSharded.instances
 
 
@@ -476,7 +476,7 @@ def test_the_sharded_stream_is_closed_when_the_output_cannot_be_written(clip, tm
 
 
 def test_a_rank_that_dies_is_reported_and_the_stream_closed(clip, tmp_path, monkeypatch, fake_sharded) -> None:
-    monkeypatch.setattr(stylize, "ShardedStream", lambda *a, **k: FakeSharded(*a, fail_at=2, **k))
+    monkeypatch.setattr(stylizer, "ShardedStream", lambda *a, **k: FakeSharded(*a, fail_at=2, **k))
     code, _, err = run("--input", str(clip), "--output", str(tmp_path / "out.mp4"), "--devices", "cpu,cpu")
     assert code == 1 and "error: rank 1 (cpu) died" in err and "Traceback" not in err
     assert [s.closed for s in fake_sharded] == [True]
@@ -499,8 +499,8 @@ def test_what_several_devices_cannot_do_exits_2_before_loading(argv, message, cl
     def load(*_: object, **__: object):
         raise AssertionError("nothing may load before the flags are checked")
 
-    monkeypatch.setattr(stylize, "ShardedStream", load)
-    monkeypatch.setattr(stylize, "load_components", load)
+    monkeypatch.setattr(stylizer, "ShardedStream", load)
+    monkeypatch.setattr(stylizer, "load_components", load)
     code, _, err = run("--input", str(clip), *argv)
     assert code == 2
     assert err.startswith("error:") and message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -26,9 +26,15 @@ Run ``python -m engine.parallel.asyncdiff --help`` for the command line.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the command line, before torch loads below: --help and bad flags answer at once
+    from engine.parallel.cli import main
+
+    sys.exit(main())
+
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -325,8 +331,3 @@ def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-if __name__ == "__main__":
-    from engine.parallel.cli import main
-
-    sys.exit(main())

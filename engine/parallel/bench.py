@@ -18,16 +18,13 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
-
-from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, AsyncDiffResult, Ranks, run_asyncdiff
-from engine.parallel.fidelity import psnr, ssim
 from engine.parallel.flags import DEVICES_HELP, bench_parser, write_json
-from engine.parallel.replicas import parse_devices
-from engine.parallel.sampling import GenerationRequest
 from engine.parallel.torchrun import refuse_torchrun
-from engine.synthetic import moving_frame
+
+if TYPE_CHECKING:  # torch and the engine load in the functions that use them: --help answers before they do
+    from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, AsyncDiffResult
 
 #: AsyncDiff paper, Table 1: SD 2.1, 50 DDIM steps, NVIDIA A5000s; (components, stride) → speedup.
 PAPER_SPEEDUP = {(2, 1): 1.8, (3, 1): 2.3, (4, 1): 2.6, (2, 2): 3.0, (3, 2): 4.0}
@@ -45,6 +42,8 @@ class Config:
 
     @property
     def plan(self) -> AsyncDiffPlan:
+        from engine.parallel.asyncdiff import AsyncDiffPlan
+
         return AsyncDiffPlan(self.components, self.stride, cost="measured")
 
 
@@ -68,6 +67,8 @@ def named_devices(args: argparse.Namespace, configs: list[Config]) -> tuple[str,
     """``--devices`` (empty: CPU processes); ``ValueError`` if it names fewer than a configuration has ranks."""
     if args.devices is None:
         return ()
+    from engine.parallel.replicas import parse_devices
+
     devices = parse_devices(args.devices)
     most = max(config.plan.world_size for config in configs)
     if most > len(devices):
@@ -78,6 +79,10 @@ def named_devices(args: argparse.Namespace, configs: list[Config]) -> tuple[str,
 
 def jobs_for(args: argparse.Namespace) -> list[tuple[str, AsyncDiffJob]]:
     """The labelled jobs every configuration runs; the one device also runs each with another seed."""
+    from engine.parallel.asyncdiff import AsyncDiffJob
+    from engine.parallel.sampling import GenerationRequest
+    from engine.synthetic import moving_frame
+
     steps = [int(s) for s in args.steps.split(",")]
     base = GenerationRequest(prompt=PROMPT, width=args.size, height=args.size, guidance_scale=args.guidance_scale,
                              seed=0, steps=steps[0])
@@ -89,6 +94,8 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[str, AsyncDiffJob]]:
 
 def run_config(config: Config, args: argparse.Namespace, jobs: list[AsyncDiffJob],
                devices: tuple[str, ...]) -> tuple[list[AsyncDiffResult], float]:
+    from engine.parallel.asyncdiff import Ranks, run_asyncdiff
+
     world = config.plan.world_size
     ranks = Ranks(model=args.model, devices=devices[:world] or ("cpu",) * world, threads=args.threads,
                   timeout_s=600.0)
@@ -99,7 +106,7 @@ def run_config(config: Config, args: argparse.Namespace, jobs: list[AsyncDiffJob
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch loads: --help and bad flags answer at once
     configs = [Config(1, 1)] + [Config(*map(int, c.split("x"))) for c in args.configs.split(",")]
     try:
         refuse_torchrun("python -m engine.parallel.bench")
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(config: Config, label: str, result: AsyncDiffResult, one: AsyncDiffResult, seed: AsyncDiffResult | None,
          cores: int) -> dict:
+    from engine.parallel.fidelity import psnr, ssim
+
     costs = result.costs
     parts = [sum(costs[a:b]) for a, b in zip(result.bounds, result.bounds[1:])] if costs else [1.0]
     return {
@@ -160,6 +169,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _write_json(args: argparse.Namespace, rows: list[dict], argv: list[str] | None) -> None:
+    import torch
+
     write_json(args.json, {
         "command": "python -m engine.parallel.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -25,17 +25,14 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from engine.config import StreamConfig, parse_t_index_list
-from engine.models import ModelSpec, load_components
-from engine.parallel.costs import estimate_costs
 from engine.parallel.flags import bench_parser, write_json
-from engine.parallel.links import HIDDEN, activation_routes
-from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
+
+if TYPE_CHECKING:  # torch and the engine load in the functions that use them: --help answers before they do
+    import torch
 
 #: bytes a second one direction of each link carries, roughly (what the table prices transfers at)
 LINKS = {"PCIe 4 x16": 25e9, "NVLink 4": 450e9}
@@ -58,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def timed(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """The median seconds of ``run`` (after three untimed runs), each run complete on the device."""
+    import torch
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         run()
@@ -71,35 +70,41 @@ def timed(run: Callable[[], object], device: torch.device, repeats: int) -> floa
     return statistics.median(seconds)
 
 
-@torch.inference_mode()
 def measure(unet, config: StreamConfig, ks: list[int], device: torch.device, dtype: torch.dtype,
             repeats: int, text_tokens: int) -> list[dict]:
     """One row per k: the cuts, each component's seconds, the links' bytes, the prediction per interconnect."""
-    rows = config.unet_batch_size
-    latent = (rows, unet.config.in_channels, *config.latent_size)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    sample = torch.randn(*latent, generator=generator).to(device, dtype)
-    text = torch.randn(rows, text_tokens, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
-    whole = timed(lambda: unet(sample, TIMESTEP, encoder_hidden_states=text), device, repeats)
-    costs = estimate_costs(unet, latent, text_tokens)
-    element = torch.empty((), dtype=dtype).element_size()
-    results = []
-    for k in ks:
-        split = UNetSplit(unet, balanced_bounds(costs, k))
-        temb = split.embed(torch.tensor(TIMESTEP, device=device), rows, dtype)
-        inputs, outputs, skips, hidden = [], [], {}, sample
-        for index in range(k):  # each component's real inputs: what the ones before it produced
-            inputs.append((hidden, dict(skips)))
-            hidden, gives = split.run(index, hidden, skips, temb, text, tuple(latent[-2:]))
-            outputs.append({HIDDEN: hidden, **gives})
-            skips.update(gives)
-        seconds = [timed(lambda i=index: split.run(i, *inputs[i], temb, text, tuple(latent[-2:])), device, repeats)
-                   for index in range(k)]
-        links = [sum(outputs[r.src][item].numel() for item in r.items) * element
-                 for r in activation_routes(split.components)]
-        links.append(sample.numel() * element)  # the noise prediction, rank k-1 to rank 0
-        results.append(row(config, k, split.bounds, whole, seconds, links))
-    return results
+    import torch
+
+    from engine.parallel.costs import estimate_costs
+    from engine.parallel.links import HIDDEN, activation_routes
+    from engine.parallel.split import UNetSplit, balanced_bounds
+
+    with torch.inference_mode():
+        rows = config.unet_batch_size
+        latent = (rows, unet.config.in_channels, *config.latent_size)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        sample = torch.randn(*latent, generator=generator).to(device, dtype)
+        text = torch.randn(rows, text_tokens, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
+        whole = timed(lambda: unet(sample, TIMESTEP, encoder_hidden_states=text), device, repeats)
+        costs = estimate_costs(unet, latent, text_tokens)
+        element = torch.empty((), dtype=dtype).element_size()
+        results = []
+        for k in ks:
+            split = UNetSplit(unet, balanced_bounds(costs, k))
+            temb = split.embed(torch.tensor(TIMESTEP, device=device), rows, dtype)
+            inputs, outputs, skips, hidden = [], [], {}, sample
+            for index in range(k):  # each component's real inputs: what the ones before it produced
+                inputs.append((hidden, dict(skips)))
+                hidden, gives = split.run(index, hidden, skips, temb, text, tuple(latent[-2:]))
+                outputs.append({HIDDEN: hidden, **gives})
+                skips.update(gives)
+            seconds = [timed(lambda i=index: split.run(i, *inputs[i], temb, text, tuple(latent[-2:])), device, repeats)
+                       for index in range(k)]
+            links = [sum(outputs[r.src][item].numel() for item in r.items) * element
+                     for r in activation_routes(split.components)]
+            links.append(sample.numel() * element)  # the noise prediction, rank k-1 to rank 0
+            results.append(row(config, k, split.bounds, whole, seconds, links))
+        return results
 
 
 def row(config: StreamConfig, k: int, bounds: tuple[int, ...], whole: float, seconds: list[float],
@@ -131,7 +136,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before torch loads: --help and bad flags answer at once
+    import torch
+
+    from engine.models import ModelSpec, load_components
+
     quiet_libraries()
     try:
         lists = [parse_t_index_list(text) for text in args.steps.split(";") if text.strip()]

@@ -18,19 +18,17 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.config import StreamConfig
-from engine.models import ModelSpec
 from engine.parallel.flags import DEVICES_HELP, add_steps_arguments, bench_parser, say_free_cores, schedules, write_json
-from engine.parallel.replicas import ReplicaEngine, parse_devices
 from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
-from engine.runtime import Engine, EngineConfig
-from engine.synthetic import moving_frames
+
+if TYPE_CHECKING:  # torch and the engine load in the functions that use them: --help answers before they do
+    from engine.parallel.replicas import ReplicaEngine
+    from engine.runtime import Engine
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("engine.parallel.bench_replicas", __doc__, size=128)
@@ -49,6 +47,10 @@ async def drive(engine: Engine | ReplicaEngine, streams: int, size: int, warmup:
                 offer_fps: float) -> dict:
     """``streams`` sessions offered ``offer_fps`` frames a second; their outputs counted over ``seconds`` after
     ``warmup``."""
+    import numpy as np
+
+    from engine.synthetic import moving_frames
+
     sessions = [await engine.open_session(prompt=f"style {s}", seed=s) for s in range(streams)]
     frames = moving_frames(30, size, size)
     start = time.monotonic()
@@ -97,7 +99,11 @@ async def measure(args: argparse.Namespace, engine: Engine | ReplicaEngine, coun
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before torch loads: --help and bad flags answer at once
+    import torch
+
+    from engine.parallel.replicas import parse_devices
+
     quiet_libraries()
     try:
         refuse_torchrun("python -m engine.parallel.bench_replicas")
@@ -124,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(args: argparse.Namespace, config: StreamConfig, devices: tuple[str, ...], counts: list[int]) -> list[dict]:
     """One process against one replica per device, on ``config``, for each stream count."""
+    import torch
+
+    from engine.models import ModelSpec
+    from engine.parallel.replicas import ReplicaEngine
+    from engine.runtime import Engine, EngineConfig
+
     biggest = max(counts)
     spec = ModelSpec(model=args.model, device=str(torch.device(devices[0]).type))
     one = Engine(EngineConfig(model=spec, stream=config, max_sessions=biggest, max_batch=biggest, idle_timeout=60))

@@ -36,24 +36,20 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from engine.backends import UNetFn, torch_unet
 from engine.config import StreamConfig
-from engine.models import ModelSpec, load_components
-from engine.parallel.costs import COST_KINDS
-from engine.parallel.fidelity import MAX_PSNR, psnr
+from engine.names import COST_KINDS
 from engine.parallel.flags import (DEVICES_HELP, add_steps_arguments, bench_parser, say_free_cores, schedules,
                                    write_json)
-from engine.parallel.replicas import parse_devices
-from engine.parallel.sharded import ShardedStream, StageTimes
 from engine.parallel.torchrun import refuse_torchrun
 from engine.quiet import quiet_libraries
-from engine.stream import StreamDiffusion
-from engine.synthetic import moving_frame
 
+if TYPE_CHECKING:  # torch and the engine load in the functions that use them: --help answers before they do
+    import torch
+
+    from engine.backends import UNetFn
+    from engine.parallel.sharded import ShardedStream, StageTimes
 
 
 @dataclass(frozen=True)
@@ -98,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ranks(args: argparse.Namespace) -> tuple[str, ...]:
     """One device per rank: ``--devices``, or ``--procs`` CPU processes; ``ValueError`` naming the flag."""
     if args.devices is not None:
+        from engine.parallel.replicas import parse_devices
+
         devices = parse_devices(args.devices)
         if len(devices) < 2:
             raise ValueError(f"--devices {args.devices!r}: a sharded stream needs at least 2 devices")
@@ -114,11 +112,19 @@ def stream_config(args: argparse.Namespace, t_index_list: tuple[int, ...]) -> St
 
 def rank_dtype(devices: tuple[str, ...]) -> str:
     """What one device and the ranks compute in: fp16 on CUDA, fp32 on a CPU (as one device would)."""
+    import torch
+
     return "float16" if torch.device(devices[0]).type == "cuda" else "float32"
 
 
 def one_device(args: argparse.Namespace, devices: tuple[str, ...], t_index_list: tuple[int, ...],
                frames: list) -> tuple[Row, list]:
+    import torch
+
+    from engine.backends import torch_unet
+    from engine.models import ModelSpec, load_components
+    from engine.stream import StreamDiffusion
+
     torch.set_num_threads(args.threads)
     spec = ModelSpec(model=args.model, lcm_lora="none", device=devices[0], dtype=rank_dtype(devices))
     components = load_components(spec)
@@ -153,11 +159,15 @@ class UNetTimer:
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
 def sharded(args: argparse.Namespace, devices: tuple[str, ...], t_index_list: tuple[int, ...], frames: list,
             reference: list) -> list[Row]:
+    from engine.parallel.sharded import ShardedStream
+
     rows, steps, k = [], len(t_index_list), len(devices)
     with ShardedStream(args.model, stream_config(args, t_index_list), devices=devices, cost=args.cost,
                        dtype=rank_dtype(devices), threads=args.threads) as stream:
@@ -233,6 +243,8 @@ def timed_in_flight(stream: ShardedStream, frames: list, untimed: int, mark: Cal
 
 def row(mode: str, steps: int, procs: int, seconds: list[float], stale: int, outputs: list, reference: list,
         bytes_per_call: int = 0) -> Row:
+    from engine.parallel.fidelity import psnr
+
     call_s = statistics.median(seconds)
     scores = [psnr(a, b) for a, b in zip(outputs, reference) if a is not None]
     return Row(mode, steps, procs, 1.0 / call_s, call_s, steps - 1, steps * call_s, stale,
@@ -240,6 +252,8 @@ def row(mode: str, steps: int, procs: int, seconds: list[float], stale: int, out
 
 
 def table(rows: list[Row]) -> str:
+    from engine.parallel.fidelity import MAX_PSNR
+
     lines = ["| mode | steps | procs | frames/s | call (s) | speedup | latency (calls / s) | stale (calls) "
              "| PSNR mean / min (dB) | sent per call | UNet per rank (s) | UNet stage (s) | with waits (s) "
              "| stage speedup |",
@@ -262,7 +276,11 @@ def stage_text(r: Row) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch loads: --help and bad flags answer at once
+    import torch
+
+    from engine.synthetic import moving_frame
+
     quiet_libraries()
     try:
         refuse_torchrun("python -m engine.parallel.bench_stream")

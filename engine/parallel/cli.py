@@ -7,14 +7,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks, run_asyncdiff
-from engine.parallel.costs import COST_KINDS
-from engine.parallel.launch import RankFailed
+from engine.names import COST_KINDS, SCHEDULER_NAMES
 from engine.parallel.torchrun import torchrun_rank
-from engine.parallel.sampling import SCHEDULERS, GenerationRequest
+
+if TYPE_CHECKING:  # torch and diffusers load once the flags are read: --help answers before them
+    import numpy as np
+
+    from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks
 
 EXAMPLES = """examples:
   python -m engine.parallel.asyncdiff --model tiny --procs 2 --steps 25 --width 64 --height 64 --output out.png
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=1, help="synchronous steps first (exact; >= 1)")
     parser.add_argument("--cost", default="measured", choices=COST_KINDS, help="how block costs for the cuts are found")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    parser.add_argument("--scheduler", default="ddim", choices=SCHEDULER_NAMES)
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale; <= 1 turns guidance off")
     parser.add_argument("--prompt", default="a kitten sitting by a door")
     parser.add_argument("--negative-prompt", default="")
@@ -59,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch loads: --help and bad flags answer at once
+    from engine.parallel.asyncdiff import AsyncDiffPlan, run_asyncdiff
+    from engine.parallel.launch import RankFailed
+
     try:
         ranks, plan, job = build(args)
     except (ValueError, OSError) as error:
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build(args: argparse.Namespace) -> tuple[Ranks, AsyncDiffPlan, AsyncDiffJob]:
     """The ranks, plan and job the arguments describe; ``ValueError`` naming the flag when they do not fit."""
+    from engine.parallel.asyncdiff import AsyncDiffJob, AsyncDiffPlan, Ranks
+    from engine.parallel.sampling import GenerationRequest
+
     devices = _devices(args)
     components = args.components if args.components is not None else len(devices) - args.stride + 1
     if args.stride == 2 and len(devices) < 3:
@@ -150,6 +157,7 @@ def _one_device(ranks: Ranks) -> Ranks:
 
 
 def _load(path: str) -> np.ndarray:
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as picture:

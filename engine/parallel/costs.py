@@ -21,9 +21,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from engine.names import COST_KINDS
 from engine.parallel.split import Size, UNetSplit, run_block, unet_blocks
 
-COST_KINDS = ("estimated", "measured")
 TEXT_TOKENS = 77
 #: Multiply-accumulates one attention score costs besides its products (scale, max, exp, sum, divide):
 #: measured 2–5 ns a score in ``scaled_dot_product_attention`` on a CPU core that does a convolution's
@@ -136,3 +136,6 @@ class _MacCounter:
         keys = context.shape[1] if context is not None else queries
         scores = hidden.shape[0] * module.heads * queries * keys
         self.total += 2.0 * hidden.shape[0] * queries * keys * module.inner_dim + SCORE_COST * scores
+
+
+__all__ = ["COST_KINDS", "SCORE_COST", "TEXT_TOKENS", "estimate_costs", "measure_costs", "trace_shapes"]

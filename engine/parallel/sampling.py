@@ -22,10 +22,12 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from engine.components import Components
 from engine.image import postprocess, preprocess
+from engine.names import SCHEDULER_NAMES
 from engine.prompts import PromptEncoder
 from engine.vae import decode_latents, encode_latents
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "engine.names.SCHEDULER_NAMES must name every scheduler"
 MAX_STEPS = 1000
 
 
