@@ -228,6 +228,29 @@ def test_engine_bench_on_two_cpu_processes_runs_the_sharded_stream_benchmark(tmp
     assert "| sharded-async, 2 in flight | 2 | 2 |" in out
 
 
+def test_replica_shares_spread_streams_as_the_engine_does() -> None:
+    assert bench_replicas.replica_shares(1, 2) == [1] and bench_replicas.replica_shares(4, 2) == [2, 2]
+    assert bench_replicas.replica_shares(5, 3) == [2, 2, 1]
+
+
+@pytest.mark.slow
+def test_the_replicas_benchmark_measures_each_share_for_its_ceiling(tmp_path, one_thread) -> None:
+    """Tiny preset, two replica processes, 1 and 3 streams: the one process also runs each replica's share (1, 2),
+    and the ceiling is their sum over one process's rate at S."""
+    path = tmp_path / "replicas.json"
+    code, out, err = run(bench_replicas.main, "--model", "tiny", "--size", "64", "--steps", "1", "--sessions", "1,3",
+                         "--seconds", "1.5", "--warmup", "1.5", "--json", str(path))
+    assert code == 0, err
+    rows = {row["streams"]: row for row in json.loads(path.read_text())["rows"]}
+    assert sorted(rows) == [1, 3] and all(row["replicas"]["fps"] > 0 for row in rows.values())
+    one = rows[1]["one"]["fps"]
+    assert rows[1]["ideal_fps"] == pytest.approx(one) and rows[1]["ceiling"] == pytest.approx(1.0)
+    three = rows[3]
+    assert three["ceiling"] == pytest.approx(three["ideal_fps"] / three["one"]["fps"])
+    assert three["of_ceiling"] == pytest.approx(three["replicas"]["fps"] / three["ideal_fps"])
+    assert "| ceiling | of ceiling |" in out
+
+
 def test_the_components_benchmark_times_each_part_and_prices_the_links(tmp_path) -> None:
     """``engine.parallel.bench_components`` on the tiny preset: k parts timed, links sized, the model on paper."""
     import json

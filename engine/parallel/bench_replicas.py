@@ -10,6 +10,12 @@ stands for one device). Every stream is offered frames as a camera offers them (
 30 by default), faster than it is served on a CPU (the newest wins), so the count of outputs in
 the timed window is the capacity; a warm-up window first fills every pipeline and the first
 calls of each size. On a GPU, raise ``--offer-fps`` above what one stream gets.
+
+One device batches S streams into one call; a replica batches only its share. So the one process
+also runs each replica's share of streams, and the **ceiling** is what k replicas would give were
+each exactly as fast as one process serving its share: Σ fps(one process, share) ÷ fps(one
+process, S). What replicas reach of that ceiling is what the processes cost (the frames through
+shared memory, the pipes, the front); what the ceiling lacks of k is what batching gives one device.
 """
 
 from __future__ import annotations
@@ -142,21 +148,40 @@ def compare(args: argparse.Namespace, config: StreamConfig, devices: tuple[str, 
     many = ReplicaEngine(EngineConfig(model=spec, stream=config, max_sessions=biggest * len(devices),
                                       max_batch=biggest, idle_timeout=60, devices=devices), threads=args.threads)
     print(f"t_index_list={list(config.t_index_list)}:", file=sys.stderr)
+    k = len(devices)
+    one_counts = sorted(set(counts) | {share for streams in counts for share in replica_shares(streams, k)})
     one.load()
-    single = asyncio.run(measure(args, one, counts))
+    single = {row["streams"]: row for row in asyncio.run(measure(args, one, one_counts))}
     many.load()
     replicated = asyncio.run(measure(args, many, counts))
-    return [{"steps": config.denoising_steps, "t_index_list": list(config.t_index_list), "streams": a["streams"],
-             "one": a, "replicas": b, "speedup": b["fps"] / a["fps"] if a["fps"] else float("nan")}
-            for a, b in zip(single, replicated)]
+    rows = []
+    for b in replicated:
+        a = single[b["streams"]]
+        ideal = sum(single[share]["fps"] for share in replica_shares(b["streams"], k))
+        rows.append({"steps": config.denoising_steps, "t_index_list": list(config.t_index_list),
+                     "streams": b["streams"], "one": a, "replicas": b, "ideal_fps": ideal,
+                     "speedup": _ratio(b["fps"], a["fps"]), "ceiling": _ratio(ideal, a["fps"]),
+                     "of_ceiling": _ratio(b["fps"], ideal)})
+    return rows
+
+
+def replica_shares(streams: int, k: int) -> list[int]:
+    """How many of ``streams`` each of ``k`` replicas serves (the engine spreads them evenly); no zeros."""
+    return [n for n in (streams // k + (i < streams % k) for i in range(k)) if n]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def table(rows: list[dict], replicas: int) -> str:
-    lines = [f"| steps | streams | one process fps | {replicas} replicas fps | speedup | replica streams min / max fps "
-             "| latency p50 one / replicas (ms) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| steps | streams | one process fps | {replicas} replicas fps | speedup | ceiling | of ceiling "
+             "| replica streams min / max fps | latency p50 one / replicas (ms) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["one"], r["replicas"]
         lines.append(f"| {r['steps']} | {r['streams']} | {a['fps']:.2f} | {b['fps']:.2f} | {r['speedup']:.2f}× "
+                     f"| {r['ceiling']:.2f}× | {r['of_ceiling']:.0%} "
                      f"| {b['min_stream_fps']:.2f} / {b['max_stream_fps']:.2f} "
                      f"| {a['latency_ms_p50']:.0f} / {b['latency_ms_p50']:.0f} |")
     return "\n".join(lines)
