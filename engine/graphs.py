@@ -118,9 +118,12 @@ class CallRunner:
         self.loader = PixelLoader(self.pixels)
         self._host_index = torch.zeros(max_streams, dtype=torch.long, pin_memory=cuda)
         self._host_pixels = torch.empty(rows, shape.height, shape.width, 3, dtype=torch.uint8, pin_memory=cuda)
-        self._host_flags = torch.empty(2, max_streams, dtype=torch.bool, pin_memory=cuda)
+        self._host_flags = torch.empty(max_streams, 2, dtype=torch.bool, pin_memory=cuda)  # k rows: contiguous
         self._graphs: dict[int, Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda else None
+        #: one capture stream for every size: the allocator reuses a pool's blocks only on the stream that
+        #: allocated them, so sizes captured on one stream share their intermediates (torch's graph docs)
+        self._side = torch.cuda.Stream(self.device) if cuda else None
         self._logged_eager: set[int] = set()
 
     @property
@@ -137,14 +140,17 @@ class CallRunner:
         """
         if self.slots.in_use:
             raise RuntimeError("capture graphs before streams take slots: warm-up calls write into them")
+        caller = torch.cuda.current_stream(self.device) if self._side is not None else None
         for k in sorted(sizes or range(1, self.max_streams + 1), reverse=True):
             progress(f"capturing the call for {k} stream(s) as a {'CUDA' if self._pool else 'stand-in'} graph")
             self.index[:k].copy_(torch.arange(k))
+            self._warm(k)  # a call that fails here fails eagerly too (a broken compile, say): the caller hears it
             try:
-                self._graphs[k] = self._capture(k)
+                self._graphs[k] = self._record(k)
             except RuntimeError as error:  # an op that cannot be captured: this size runs eagerly, still correct
                 log.warning("could not capture the call for %d stream(s) (%s); it runs eagerly", k, error)
-                if self._pool is not None:
+                if caller is not None:  # a failed capture_end leaves the capture stream current (torch's exit)
+                    torch.cuda.set_stream(caller)
                     torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -183,33 +189,36 @@ class CallRunner:
         pixels = self.pixels[: k * self.slots.shape.frames] if self.encode else None
         return stream_step(self.models, self.slots, self.index[:k], pixels)
 
-    def _capture(self, k: int) -> Captured:
-        if self._pool is None:
+    def _warm(self, k: int) -> None:
+        """The calls before a capture, on the capture stream: compile, autotune, cuDNN and TensorRT set-up."""
+        if self._side is None:
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(caller)
+        with torch.cuda.stream(self._side):
+            for _ in range(WARMUP_CALLS):
+                self._step(k)
+        caller.wait_stream(self._side)
+
+    def _record(self, k: int) -> Captured:
+        if self._side is None:
             stand_in = EagerGraph(lambda: self._step(k))
             return Captured(stand_in, stand_in.outputs)
-        caller = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)  # this device's: torch's default capture stream is one per process
-        with CAPTURE_LOCK:
-            side.wait_stream(caller)
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    self._step(k)
-            caller.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other devices' workers go on running while this one captures
-            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        with CAPTURE_LOCK:  # thread_local: other devices' workers go on running while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
                 outputs = self._step(k)
         return Captured(graph, outputs)
 
     def _to_host(self, k: int, output: StepOutput) -> CallResult:
         """Pixels and flags to the host in two copies and one synchronisation."""
         rows = k * self.slots.shape.frames
-        pixels, flags = self._host_pixels[:rows], self._host_flags[:, :k]
+        pixels, flags = self._host_pixels[:rows], self._host_flags[:k]
         pixels.copy_(output.pixels, non_blocking=True)
-        flags.copy_(torch.stack([output.latents_finite, output.pixels_finite]), non_blocking=True)
+        flags.copy_(torch.stack([output.latents_finite, output.pixels_finite], dim=1), non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        latents_finite, pixels_finite = flags.tolist()
+        latents_finite, pixels_finite = flags.T.tolist()
         return CallResult(pixels, output.unit[:rows], latents_finite, pixels_finite)
 
     def _log_eager(self, k: int) -> None:

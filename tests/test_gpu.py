@@ -54,8 +54,8 @@ async def test_sessions_batched_on_the_gpu_equal_their_solo_runs(gpu_tiny) -> No
     expected = [solo(gpu_tiny, config, inputs), solo(gpu_tiny, config.with_updates(prompt="neon city"), inputs[::-1])]
     for got, want in zip(outputs, expected):
         assert len(got) == len(want) == 3
-        for output, frame in zip(got, want):
-            assert np.array_equal(output.frame, frame)
+        for output, frame in zip(got, want):  # the engine's default backend (compile + graphs) against eager:
+            assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2  # other kernels, batch 2
 
 
 def test_sd_turbo_architecture_runs_a_512_stream_in_fp16() -> None:

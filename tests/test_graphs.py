@@ -192,16 +192,31 @@ def test_channels_last_modules_give_the_same_pictures(tiny) -> None:
     assert tensor_outputs and all(o.is_contiguous() for o in tensor_outputs), "tensor frames come back contiguous"
 
 
+def test_a_call_that_fails_before_capture_is_not_taken_for_a_capture_failure(tiny, monkeypatch) -> None:
+    """The calls before a capture run the model as every call will (compiling it, on a GPU): when they fail, the
+    call is broken, not uncapturable, and the error reaches the caller (``--backend auto`` then falls back)
+    instead of a warning and a size that fails on every frame."""
+    runner = runner_for(tiny, streams=2, capture=False)
+
+    def broken_compile(k: int) -> None:
+        raise RuntimeError("inductor: compilation failed")
+
+    monkeypatch.setattr(runner, "_warm", broken_compile)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        runner.capture()
+    assert runner.captured == []
+
+
 def test_a_size_that_cannot_be_captured_runs_eagerly_and_the_rest_replay(tiny, monkeypatch, caplog) -> None:
     runner = runner_for(tiny, streams=3, capture=False)
-    real_capture = runner._capture
+    real_capture = runner._record
 
     def capture(k: int):
         if k == 2:
             raise RuntimeError("operation not permitted when stream is capturing")
         return real_capture(k)
 
-    monkeypatch.setattr(runner, "_capture", capture)
+    monkeypatch.setattr(runner, "_record", capture)
     with caplog.at_level(logging.WARNING, logger="engine.graphs"):
         runner.capture()
     assert runner.captured == [1, 3]
