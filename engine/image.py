@@ -98,8 +98,9 @@ def _check_size(height: int, width: int) -> None:
 class PixelLoader:
     """Frames into rows of a fixed ``(N, 3, H, W)`` float32 buffer on the device, fitted to ``H×W``.
 
-    On a GPU, uint8 arrays already at the target size (the common case once a source sends the
-    stream's size) are packed into one pinned host buffer and cross in one asynchronous copy;
+    On a GPU, uint8 arrays and decoded video frames already at the target size (the common case
+    once a source sends the stream's size) are packed into one pinned host buffer and cross in one
+    asynchronous copy;
     other frames are fitted on the device one by one. Tensors already fitted (a similarity
     check made them) are copied as they are.
     """
@@ -120,6 +121,9 @@ class PixelLoader:
         """Write ``frames`` into the first rows; returns those rows."""
         staged = []
         for row, frame in enumerate(frames):
+            if self._staging is not None and _is_video_frame(frame) \
+                    and (frame.height, frame.width) == (self.height, self.width):  # type: ignore[union-attr]
+                frame = frame.to_ndarray(format="rgb24")  # type: ignore[union-attr] # a WebRTC frame: staged too
             if self._staging is not None and self._stageable(frame):
                 self._staging[row].numpy()[...] = frame
                 staged.append(row)

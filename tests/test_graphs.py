@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -234,12 +235,15 @@ def test_a_size_that_cannot_be_captured_runs_eagerly_and_the_rest_replay(tiny, m
 
 @pytest.mark.parametrize("stage", [False, True])
 def test_frames_of_any_size_and_kind_load_as_the_fitted_picture(stage: bool) -> None:
-    target = torch.zeros(4, 3, SIZE, SIZE)
-    loader = PixelLoader(target, stage=stage)
     exact, wide = pictures(1)[0], pictures(1, size=96)[0][:48]
     tensor = torch.rand(3, 80, 72)
-    frames = [exact, wide, tensor, exact[::-1].copy()]
+    video = av.VideoFrame.from_ndarray(exact[::-1].copy(), format="rgb24")  # as WebRTC hands them over
+    frames = [exact, wide, tensor, video, av.VideoFrame.from_ndarray(wide.copy(), format="rgb24")]
+    target = torch.zeros(len(frames), 3, SIZE, SIZE)
+    loader = PixelLoader(target, stage=stage)
     loaded = loader.load(frames)
-    assert loaded.data_ptr() == target.data_ptr() and len(loaded) == 4
+    assert loaded.data_ptr() == target.data_ptr() and len(loaded) == len(frames)
     for row, frame in zip(loaded, frames):
         torch.testing.assert_close(row, fit(to_chw(frame, torch.device("cpu")), SIZE, SIZE), atol=0, rtol=0)
+    if stage:  # the exact-size video frame crossed in the staging buffer, with the arrays
+        assert np.array_equal(loader._staging[3].numpy(), exact[::-1])
