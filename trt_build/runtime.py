@@ -62,7 +62,7 @@ class TrtEngine:
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         self.stream = torch.cuda.Stream(device)
-        # the largest activation memory any shape in the profile needs, shared by every context
+        # the largest activation memory any shape in the profile needs, shared by every context (TensorRT >= 10.1)
         self._scratch = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=device)
         self._bindings: dict[ShapeKey, Binding] = {}
 
