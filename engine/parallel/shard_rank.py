@@ -45,6 +45,7 @@ from torch import nn
 
 from engine.config import StreamConfig
 from engine.models import ModelSpec, load_components
+from engine.parallel.component_graph import ComponentGraph
 from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs
 from engine.parallel.exchange import Packing
 from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FINISHED, TAG_PREDICTION, Inbox,
@@ -74,6 +75,9 @@ class RankJob:
     crash_at: tuple[int, int] | None = None
     #: as :class:`~engine.models.ModelSpec`'s: ``auto`` fuses LCM-LoRA into SD 1.x models that need it
     lcm_lora: str = "none"
+    #: replay each rank's component from a CUDA graph (:mod:`engine.parallel.component_graph`; on the CPU,
+    #: stand-ins through the same buffers)
+    graphs: bool = False
 
 
 @dataclass
@@ -118,6 +122,10 @@ class ShardRank:
         shapes = _output_shapes(components.unet, bounds, self.sample_shape, self.text_shape[1])
         self.split = UNetSplit(components.unet, bounds)
         self.component = self.split.components[rank]
+        latent_size = tuple(self.sample_shape[-2:])
+        self.component_call = ComponentGraph(
+            lambda hidden, skips, temb, text: self.split.run(rank, hidden, skips, temb, text, latent_size),
+            torch.device(job.devices[rank]), graphs=job.graphs)
         _prune(components, self.split, rank, world)
         for module in (components.unet, components.vae, components.text_encoder):
             module.to(self.device)
@@ -299,9 +307,8 @@ class ShardRank:
 
     def _run(self, hidden: torch.Tensor, skips: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         assert self.temb is not None and self.text is not None
-        size = tuple(self.sample_shape[-2:])
         with self.clock.timing(COMPUTE):
-            return self.split.run(self.rank, hidden, skips, self.temb, self.text, size)  # type: ignore[arg-type]
+            return self.component_call(hidden, skips, self.temb, self.text)
 
     def _send(self, hidden: torch.Tensor, gives: dict[int, torch.Tensor]) -> None:
         outputs = {HIDDEN: hidden, **gives}

@@ -25,6 +25,11 @@ k−1 calls saw the same latents, slightly stale otherwise.
 - synchronous calls only, rank 0 → all: the time and text embeddings (broadcast: they change
   only with the prompt or the schedule, and every such change is followed by synchronous calls).
 
+On CUDA each rank replays its component from a CUDA graph it captures on the first call
+(:mod:`engine.parallel.component_graph`), as one device replays its whole call: eager, a GPU
+spends most of a UNet's time launching kernels. The exchange, rank 0's encode and scheduler math,
+and rank k−1's decode run eagerly around it.
+
 Receives are posted before computing, so in an asynchronous call the next activations travel
 while every rank computes (gloo runs them on its own threads; NCCL on its own streams). Within
 one call the decode on rank k−1 waits for rank 0's scheduler math, which waits for rank k−1's
@@ -114,7 +119,9 @@ class ShardedStream:
     every N-th call starts ``warmup_calls`` synchronous calls (default ``n + k − 2``, see the module
     docstring); ``None``: only at start, :meth:`update` and :meth:`reset`. ``crash_at=(rank, call)``
     kills that rank at that call (tests). ``lcm_lora``: as :class:`~engine.models.ModelSpec`'s (``auto``
-    fuses LCM-LoRA into SD 1.x models that are not few-step already).
+    fuses LCM-LoRA into SD 1.x models that are not few-step already). ``graphs``: each rank replays its
+    UNet component from a CUDA graph (:mod:`engine.parallel.component_graph`); None: on CUDA devices;
+    True on the CPU re-runs stand-ins through the same buffers (tests).
     """
 
     def __init__(self, model: str = "tiny", config: StreamConfig = StreamConfig(), *, procs: int | None = None,
@@ -122,7 +129,7 @@ class ShardedStream:
                  warmup_calls: int | None = None, vae: str = "tiny", dtype: str | None = None,
                  cost: str = "estimated", threads: int = 1, start_timeout_s: float = 300.0,
                  call_timeout_s: float = 120.0, idle_timeout_s: float = 3600.0,
-                 crash_at: tuple[int, int] | None = None, lcm_lora: str = "none") -> None:
+                 crash_at: tuple[int, int] | None = None, lcm_lora: str = "none", graphs: bool | None = None) -> None:
         self.devices = _devices(procs, devices)
         k = len(self.devices)
         _check(config, cost, resync_every, warmup_calls)
@@ -141,7 +148,8 @@ class ShardedStream:
         self.pids: list[int] = []
         self._channels = _channels(config, k)
         self._stage_origin = self._channels.stages.clone()  # stage_times() counts from here
-        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at, lcm_lora)
+        self.graphs = torch.device(self.devices[0]).type == "cuda" if graphs is None else graphs
+        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at, lcm_lora, self.graphs)
         backend = "nccl" if torch.device(self.devices[0]).type == "cuda" else "gloo"
         group = GroupSpec(backend, idle_timeout_s, threads, self.devices)
         self._thread = threading.Thread(target=self._run_ranks, args=(job, group), daemon=True,

@@ -258,7 +258,7 @@ class ShardedEngine:
         self.stream = ShardedStream(spec.model, self.config.stream, devices=self.config.devices, vae=spec.vae,
                                     dtype=self._dtype(), cost=self.cost, threads=self.threads,
                                     resync_every=self.resync_every, warmup_calls=self.warmup_calls,
-                                    idle_timeout_s=IDLE_S, lcm_lora=spec.lcm_lora)
+                                    idle_timeout_s=IDLE_S, lcm_lora=spec.lcm_lora, graphs=self.config.graphs)
         for stage in ("lcm-lora", "vae", "device"):
             report(stage)
         log.info("sharded stream on %s: blocks %s, %.1f MiB exchanged per call", ", ".join(self.stream.devices),
