@@ -215,9 +215,11 @@ def test_what_crosses_between_ranks(two_ranks) -> None:
 # --- three processes ------------------------------------------------------------------------------
 
 def test_three_ranks_three_steps_and_no_guidance(tiny) -> None:
-    """k = 3, n = 3, RCFG ``none``: synchronous calls exact; a static input exact from n + k − 2 = 4, not before."""
+    """k = 3, n = 3, RCFG ``none``: synchronous calls exact; a static input exact from n + k − 2 = 4, not before.
+    With the components over static buffers (``graphs``; stand-ins on the CPU), so a middle rank's too."""
     config = replace(CONFIG, t_index_list=(10, 25, 40), cfg_type="none")
-    with ShardedStream("tiny", config, procs=3, resync_every=1, warmup_calls=1, call_timeout_s=60.0) as stream:
+    with ShardedStream("tiny", config, procs=3, resync_every=1, warmup_calls=1, call_timeout_s=60.0,
+                       graphs=True) as stream:
         assert len({info["blocks"] for info in stream.ranks}) == 3
         frames = [moving_frame(i, 64, 64) for i in range(5)]
         sharded, single = both(stream, tiny, frames, config=config)

@@ -36,9 +36,13 @@ ComponentCall = Callable[[torch.Tensor, Skips, torch.Tensor, torch.Tensor], tupl
 class ComponentGraph:
     """``call(hidden, skips, temb, text) -> (hidden, gives)`` over static buffers, replayed once captured.
 
-    ``graphs=False`` runs ``call`` as it is. The first call captures (on CUDA: two warm-up calls on a
-    side stream, then the capture; a call that cannot be captured is logged once and runs eagerly).
-    The tensors returned are the graph's own outputs: read or copy them before the next call.
+    ``graphs=False`` runs ``call`` as it is. :meth:`prepare` captures (on CUDA: two warm-up calls on a
+    side stream, then the capture; a call that cannot be captured is logged and runs eagerly); else
+    the first call does. The tensors returned are the graph's own outputs: read or copy them before
+    the next call.
+
+    Capture where no transfer is in flight: entering a capture synchronises the whole device, and a
+    posted NCCL receive waits there for a peer that may be waiting for this rank.
     """
 
     def __init__(self, call: ComponentCall, device: torch.device, *, graphs: bool) -> None:
@@ -55,7 +59,7 @@ class ComponentGraph:
         if not self.graphs:
             return self.call(hidden, skips, temb, text)
         if self._replay is None:
-            self._capture(hidden, skips, temb, text)
+            self.prepare(hidden, skips, temb, text)
             if self._replay is None:  # it could not be captured: eager from now on
                 return self.call(hidden, skips, temb, text)
         self._fill(hidden, skips, temb, text)
@@ -74,7 +78,10 @@ class ComponentGraph:
         static_temb.copy_(temb)
         static_text.copy_(text)
 
-    def _capture(self, hidden: torch.Tensor, skips: Skips, temb: torch.Tensor, text: torch.Tensor) -> None:
+    def prepare(self, hidden: torch.Tensor, skips: Skips, temb: torch.Tensor, text: torch.Tensor) -> None:
+        """Capture now, on inputs of the shapes, dtypes and devices every call will bring (their values do not matter)."""
+        if not self.graphs or self._replay is not None:
+            return
         self._inputs = (hidden.clone(), {index: tensor.clone() for index, tensor in skips.items()},
                         temb.clone(), text.clone())
         if self.device.type != "cuda":

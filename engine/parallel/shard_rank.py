@@ -126,6 +126,7 @@ class ShardRank:
         self.component_call = ComponentGraph(
             lambda hidden, skips, temb, text: self.split.run(rank, hidden, skips, temb, text, latent_size),
             torch.device(job.devices[rank]), graphs=job.graphs)
+        self.temb_shape = self.split.embed(torch.zeros(rows), rows, self.dtype).shape  # rank 0's, still on the CPU
         _prune(components, self.split, rank, world)
         for module in (components.unet, components.vae, components.text_encoder):
             module.to(self.device)
@@ -141,6 +142,19 @@ class ShardRank:
         self.text: torch.Tensor | None = None
         self.calls = 0
         self.clock = StageClock(self.device, channels.stages[rank])
+        self._prepare_component()
+
+    def _prepare_component(self) -> None:
+        """Capture the component's call now, on zeros of the shapes it will get: before any transfer is posted."""
+        if not self.job.graphs:
+            return
+        zeros = lambda shape, dtype=self.dtype: torch.zeros(shape, device=self.device, dtype=dtype)  # noqa: E731
+        found: dict[int, torch.Tensor] = {HIDDEN: zeros(self.sample_shape)}  # rank 0: the stream batch's latents
+        for box, items in zip(self.inboxes, self.in_items):
+            found.update((item, zeros(shape)) for item, shape in zip(items, box.packing.shapes))
+        hidden = found.pop(HIDDEN)
+        with torch.inference_mode():
+            self.component_call.prepare(hidden, found, zeros(self.temb_shape), zeros(self.text_shape))
 
     # ------------------------------------------------------------------ set-up
 
