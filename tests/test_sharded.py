@@ -185,10 +185,11 @@ def test_two_calls_in_flight_give_the_same_frames(two_ranks) -> None:
     assert all(np.array_equal(a, b[0]) for a, b in zip(one_at_a_time[1:], pipelined[1:]))
 
 
-def test_component_graphs_replay_the_same_frames(two_ranks) -> None:
-    """Each rank's component over static buffers (CPU stand-ins for the CUDA graphs: a re-run per replay) gives
-    the eager ranks' frames bit for bit, synchronous and asynchronous calls on moving video alike: every input
-    (hidden state, skips, embeddings, which change with the prompt) reaches the static buffers each call."""
+def test_rank_graphs_replay_the_same_frames(two_ranks) -> None:
+    """Each rank's component and the last rank's decode over static buffers (CPU stand-ins for the CUDA graphs: a
+    re-run per replay) give the eager ranks' frames bit for bit, synchronous and asynchronous calls on moving
+    video alike: every input (hidden state, skips, embeddings, which change with the prompt and the schedule,
+    the finished latents) reaches the static buffers each call."""
     frames = [moving_frame(i, 64, 64) for i in range(8)]
     update = {"prompt": "a green kite", "t_index_list": (15, 30)}  # new text and time embeddings
     fresh(two_ranks, resync_every=4)

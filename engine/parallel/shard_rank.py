@@ -45,7 +45,7 @@ from torch import nn
 
 from engine.config import StreamConfig
 from engine.models import ModelSpec, load_components
-from engine.parallel.component_graph import ComponentGraph
+from engine.parallel.rank_graph import RankGraph
 from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs
 from engine.parallel.exchange import Packing
 from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FINISHED, TAG_PREDICTION, Inbox,
@@ -75,8 +75,8 @@ class RankJob:
     crash_at: tuple[int, int] | None = None
     #: as :class:`~engine.models.ModelSpec`'s: ``auto`` fuses LCM-LoRA into SD 1.x models that need it
     lcm_lora: str = "none"
-    #: replay each rank's component from a CUDA graph (:mod:`engine.parallel.component_graph`; on the CPU,
-    #: stand-ins through the same buffers)
+    #: replay each rank's component (and rank k−1's decode) from CUDA graphs (:mod:`engine.parallel.rank_graph`;
+    #: on the CPU, stand-ins through the same buffers)
     graphs: bool = False
 
 
@@ -123,9 +123,11 @@ class ShardRank:
         self.split = UNetSplit(components.unet, bounds)
         self.component = self.split.components[rank]
         latent_size = tuple(self.sample_shape[-2:])
-        self.component_call = ComponentGraph(
+        device = torch.device(job.devices[rank])
+        self.component_call = RankGraph(
             lambda hidden, skips, temb, text: self.split.run(rank, hidden, skips, temb, text, latent_size),
-            torch.device(job.devices[rank]), graphs=job.graphs)
+            device, graphs=job.graphs, name=f"UNet component {rank}")
+        self.decode_call = RankGraph(self._decode, device, graphs=job.graphs, name="decode")
         self.temb_shape = self.split.embed(torch.zeros(rows), rows, self.dtype).shape  # rank 0's, still on the CPU
         _prune(components, self.split, rank, world)
         for module in (components.unet, components.vae, components.text_encoder):
@@ -142,10 +144,11 @@ class ShardRank:
         self.text: torch.Tensor | None = None
         self.calls = 0
         self.clock = StageClock(self.device, channels.stages[rank])
-        self._prepare_component()
+        self._prepare_graphs()
 
-    def _prepare_component(self) -> None:
-        """Capture the component's call now, on zeros of the shapes it will get: before any transfer is posted."""
+    def _prepare_graphs(self) -> None:
+        """Capture the component's call (and rank k−1's decode) now, on zeros of the shapes they will get:
+        before any transfer is posted."""
         if not self.job.graphs:
             return
         zeros = lambda shape, dtype=self.dtype: torch.zeros(shape, device=self.device, dtype=dtype)  # noqa: E731
@@ -155,6 +158,15 @@ class ShardRank:
         hidden = found.pop(HIDDEN)
         with torch.inference_mode():
             self.component_call.prepare(hidden, found, zeros(self.temb_shape), zeros(self.text_shape))
+            if self.last:
+                self.decode_call.prepare(zeros(self.finished_in.packing.shapes[0], MATH_DTYPE))
+
+    def _decode(self, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rank k−1: the finished latents as frames in [0, 1] and as uint8 pixels, and whether all is finite."""
+        decoded = decode_latents(self.vae, finished.to(self.dtype))
+        unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)  # as engine.step.stream_step
+        pixels = unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return unit, pixels, torch.isfinite(decoded).all()
 
     # ------------------------------------------------------------------ set-up
 
@@ -297,13 +309,10 @@ class ShardRank:
             self._send(hidden, gives)
             return
         self.prediction_out.send([hidden])
-        finished = self.finished_in.receive()[0]
-        decoded = decode_latents(self.vae, finished.to(self.dtype))
-        unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)  # as engine.step.stream_step
-        pixels = unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        unit, pixels, finite = self.decode_call(self.finished_in.receive()[0])
         self.channels.unit[slot].copy_(unit.cpu())
         self.channels.pixels[slot].copy_(pixels.cpu())
-        self.channels.replies.put(("frame", self.calls, bool(torch.isfinite(decoded).all())))
+        self.channels.replies.put(("frame", self.calls, bool(finite)))
 
     def _inputs(self, sync: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         found: dict[int, torch.Tensor] = {}

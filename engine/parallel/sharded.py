@@ -25,10 +25,10 @@ k−1 calls saw the same latents, slightly stale otherwise.
 - synchronous calls only, rank 0 → all: the time and text embeddings (broadcast: they change
   only with the prompt or the schedule, and every such change is followed by synchronous calls).
 
-On CUDA each rank replays its component from a CUDA graph it captures on the first call
-(:mod:`engine.parallel.component_graph`), as one device replays its whole call: eager, a GPU
-spends most of a UNet's time launching kernels. The exchange, rank 0's encode and scheduler math,
-and rank k−1's decode run eagerly around it.
+On CUDA each rank replays its component, and rank k−1 its decode too, from CUDA graphs it
+captures at set-up (:mod:`engine.parallel.rank_graph`), as one device replays its whole call:
+eager, a GPU spends most of a UNet's time launching kernels. The exchange and rank 0's encode and
+scheduler math run eagerly around them.
 
 Receives are posted before computing, so in an asynchronous call the next activations travel
 while every rank computes (gloo runs them on its own threads; NCCL on its own streams). Within
@@ -120,7 +120,7 @@ class ShardedStream:
     docstring); ``None``: only at start, :meth:`update` and :meth:`reset`. ``crash_at=(rank, call)``
     kills that rank at that call (tests). ``lcm_lora``: as :class:`~engine.models.ModelSpec`'s (``auto``
     fuses LCM-LoRA into SD 1.x models that are not few-step already). ``graphs``: each rank replays its
-    UNet component from a CUDA graph (:mod:`engine.parallel.component_graph`); None: on CUDA devices;
+    UNet component (rank k−1 its decode too) from CUDA graphs (:mod:`engine.parallel.rank_graph`); None: on CUDA;
     True on the CPU re-runs stand-ins through the same buffers (tests).
     """
 
