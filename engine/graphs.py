@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, fields
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 import torch
 
@@ -42,6 +42,38 @@ WARMUP_CALLS = 2  # before capture: compile, autotune, cuDNN and TensorRT set-up
 #: one CUDA graph capture at a time in the process: entering a capture empties the allocator's
 #: cache on every device, which asserts while another device's worker is capturing
 CAPTURE_LOCK = threading.RLock()  # re-entrant: a nested capture fails loudly instead of hanging
+
+T = TypeVar("T")
+
+
+def warm_up_on(side: torch.cuda.Stream, call: Callable[[], object]) -> None:
+    """:data:`WARMUP_CALLS` calls of ``call`` on ``side``, the stream its capture will use, ordered after the
+    current stream's work and before what follows it. A call that fails here fails eagerly too (a broken
+    compile, say): the error propagates, it is not a capture failure."""
+    caller = torch.cuda.current_stream(side.device)
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_CALLS):
+            call()
+    caller.wait_stream(side)
+
+
+def record_on(side: torch.cuda.Stream, call: Callable[[], T],
+              pool: tuple[int, int] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``call`` captured on ``side`` (into ``pool``, if given); the graph and the call's outputs, which each
+    replay rewrites. On failure (``RuntimeError``: an op that cannot be captured) the caller's stream is current
+    again and the device idle, so the call can run eagerly from there."""
+    caller = torch.cuda.current_stream(side.device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with CAPTURE_LOCK:  # thread_local: other devices' workers go on running while this one captures
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                outputs = call()
+    except RuntimeError:
+        torch.cuda.set_stream(caller)  # a failed capture_end leaves the capture stream current (torch's exit)
+        torch.cuda.synchronize(side.device)
+        raise
+    return graph, outputs
 
 
 @dataclass(frozen=True)
@@ -140,18 +172,14 @@ class CallRunner:
         """
         if self.slots.in_use:
             raise RuntimeError("capture graphs before streams take slots: warm-up calls write into them")
-        caller = torch.cuda.current_stream(self.device) if self._side is not None else None
         for k in sorted(sizes or range(1, self.max_streams + 1), reverse=True):
             progress(f"capturing the call for {k} stream(s) as a {'CUDA' if self._pool else 'stand-in'} graph")
             self.index[:k].copy_(torch.arange(k))
-            self._warm(k)  # a call that fails here fails eagerly too (a broken compile, say): the caller hears it
+            self._warm(k)
             try:
                 self._graphs[k] = self._record(k)
             except RuntimeError as error:  # an op that cannot be captured: this size runs eagerly, still correct
                 log.warning("could not capture the call for %d stream(s) (%s); it runs eagerly", k, error)
-                if caller is not None:  # a failed capture_end leaves the capture stream current (torch's exit)
-                    torch.cuda.set_stream(caller)
-                    torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def warm_up(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
@@ -190,24 +218,15 @@ class CallRunner:
         return stream_step(self.models, self.slots, self.index[:k], pixels)
 
     def _warm(self, k: int) -> None:
-        """The calls before a capture, on the capture stream: compile, autotune, cuDNN and TensorRT set-up."""
-        if self._side is None:
-            return
-        caller = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(caller)
-        with torch.cuda.stream(self._side):
-            for _ in range(WARMUP_CALLS):
-                self._step(k)
-        caller.wait_stream(self._side)
+        """The calls before a capture (compile, autotune, cuDNN and TensorRT set-up); none for a stand-in."""
+        if self._side is not None:
+            warm_up_on(self._side, lambda: self._step(k))
 
     def _record(self, k: int) -> Captured:
         if self._side is None:
             stand_in = EagerGraph(lambda: self._step(k))
             return Captured(stand_in, stand_in.outputs)
-        graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK:  # thread_local: other devices' workers go on running while this one captures
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
-                outputs = self._step(k)
+        graph, outputs = record_on(self._side, lambda: self._step(k), self._pool)
         return Captured(graph, outputs)
 
     def _to_host(self, k: int, output: StepOutput) -> CallResult:

@@ -64,16 +64,22 @@ def stream_step(models: StepModels, slots: StreamSlots, index: torch.Tensor,
     if shape.cfg_type in ("self", "initialize"):
         stock = next_stock(eps, stock, state, shape.frames)
     finished = x0[:, -shape.frames:]
-    decoded = decode_latents(models.vae, finished.flatten(0, 1).to(models.dtype))
-    unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)
+    decoded, unit, pixels = decode_frames(models, finished.flatten(0, 1))
     output = StepOutput(
         unit=unit,
-        pixels=unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(),
+        pixels=pixels,
         latents_finite=_finite(buffer) & _finite(finished),
         pixels_finite=_finite(decoded.reshape(len(index), -1)),  # reshape: channels_last on CUDA
     )
     slots.scatter(index, buffer, stock)
     return output
+
+
+def decode_frames(models: StepModels, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``latents`` decoded: the VAE's output, frames ``(N, 3, H, W)`` float32 in [0, 1], pixels ``(N, H, W, 3)`` uint8."""
+    decoded = decode_latents(models.vae, latents.to(models.dtype))
+    unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)
+    return decoded, unit, unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def new_rows(models: StepModels, shape: StreamShape, state: Gathered, pixels: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import tensorrt as trt
 import torch
 
-from engine.graphs import CAPTURE_LOCK
+from engine.graphs import record_on
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
@@ -110,12 +110,8 @@ class TrtEngine:
             raise RuntimeError("TensorRT failed to run the engine (its log above says why)")
 
     def _capture(self, context: trt.IExecutionContext) -> torch.cuda.CUDAGraph | None:
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: a session opening on another thread (text encoder, noise to the GPU)
-            # must not break the capture, nor the capture break it
-            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._execute(context)
+            graph, _ = record_on(self.stream, lambda: self._execute(context))
         except RuntimeError:  # some engines (data-dependent shapes) cannot be captured: stay eager
             return None
         return graph

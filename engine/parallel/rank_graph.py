@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from engine.graphs import CAPTURE_LOCK, WARMUP_CALLS
+from engine.graphs import record_on, warm_up_on
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +78,11 @@ class RankGraph:
             self._outputs = self.call(*static)
             self._replay, self.captured = self._rerun, True
             return
-        caller = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):  # a call that fails here fails eagerly too: the caller hears it
-            for _ in range(WARMUP_CALLS):
-                self.call(*static)
-        caller.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        warm_up_on(side, lambda: self.call(*static))
         try:
-            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                self._outputs = self.call(*static)
+            graph, self._outputs = record_on(side, lambda: self.call(*static))
         except RuntimeError as error:  # an op that cannot be captured: eager, still correct
-            torch.cuda.set_stream(caller)  # a failed capture_end leaves the side stream current
-            torch.cuda.synchronize(self.device)
             log.warning("could not capture the %s as a CUDA graph (%s); it runs eagerly", self.name, error)
             self.graphs, self._inputs, self._outputs = False, [], None
             return

@@ -53,7 +53,7 @@ from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FIN
 from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
 from engine.slots import MATH_DTYPE
-from engine.step import StepModels, guide, layout, new_rows, next_buffer, next_stock
+from engine.step import StepModels, decode_frames, guide, layout, new_rows, next_buffer, next_stock
 from engine.stream import StreamDiffusion
 from engine.vae import decode_latents, encode_latents
 
@@ -123,17 +123,15 @@ class ShardRank:
         self.split = UNetSplit(components.unet, bounds)
         self.component = self.split.components[rank]
         latent_size = tuple(self.sample_shape[-2:])
-        device = torch.device(job.devices[rank])
         self.component_call = RankGraph(
             lambda hidden, skips, temb, text: self.split.run(rank, hidden, skips, temb, text, latent_size),
-            device, graphs=job.graphs, name=f"UNet component {rank}")
-        self.decode_call = RankGraph(self._decode, device, graphs=job.graphs, name="decode")
+            self.device, graphs=job.graphs, name=f"UNet component {rank}")
+        self.decode_call = RankGraph(self._decode, self.device, graphs=job.graphs, name="decode")
         self.temb_shape = self.split.embed(torch.zeros(rows), rows, self.dtype).shape  # rank 0's, still on the CPU
         _prune(components, self.split, rank, world)
         for module in (components.unet, components.vae, components.text_encoder):
             module.to(self.device)
         components.device = self.device
-        self.vae = components.vae
         self.stream = StreamDiffusion(components, config) if rank == 0 else None
         self.models = StepModels(unet=None, vae=components.vae, dtype=self.dtype,  # type: ignore[arg-type]
                                  v_prediction=self.v_prediction)
@@ -151,7 +149,9 @@ class ShardRank:
         before any transfer is posted."""
         if not self.job.graphs:
             return
-        zeros = lambda shape, dtype=self.dtype: torch.zeros(shape, device=self.device, dtype=dtype)  # noqa: E731
+        def zeros(shape: torch.Size, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return torch.zeros(shape, device=self.device, dtype=dtype)
+
         found: dict[int, torch.Tensor] = {HIDDEN: zeros(self.sample_shape)}  # rank 0: the stream batch's latents
         for box, items in zip(self.inboxes, self.in_items):
             found.update((item, zeros(shape)) for item, shape in zip(items, box.packing.shapes))
@@ -163,9 +163,7 @@ class ShardRank:
 
     def _decode(self, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rank k−1: the finished latents as frames in [0, 1] and as uint8 pixels, and whether all is finite."""
-        decoded = decode_latents(self.vae, finished.to(self.dtype))
-        unit = decoded.float().add(1.0).div(2.0).clamp(0.0, 1.0)  # as engine.step.stream_step
-        pixels = unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        decoded, unit, pixels = decode_frames(self.models, finished)  # as one device's call decodes
         return unit, pixels, torch.isfinite(decoded).all()
 
     # ------------------------------------------------------------------ set-up
