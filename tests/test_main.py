@@ -31,7 +31,7 @@ def test_help_answers_before_torch_or_the_media_stack_loads() -> None:
 
 
 #: every other command: its module (run as ``python -m``) and a flag its ``--help`` names
-COMMANDS = [("app.stylize", "--crop"), ("engine.bench", "--skip-diffusers"),
+COMMANDS = [("app.stylize", "--crop"), ("app.bench", "--skip-ceiling"), ("engine.bench", "--skip-diffusers"),
             ("engine.parallel.asyncdiff", "--warmup-steps"), ("engine.parallel.bench_stream", "--calls"),
             ("engine.parallel.bench_replicas", "--offer-fps"), ("engine.parallel.bench", "--configs"),
             ("engine.parallel.bench_components", "--repeats")]
