@@ -14,8 +14,9 @@ the stream's life:
   the sends (:class:`~engine.parallel.links.Outbox`) and the decoded frame is copied to the host,
   so the next replay never overwrites what is still in use.
 
-The exchange between ranks (NCCL) stays outside the graphs, and so, for now, does rank 0's encode
-and scheduler math. On the CPU, ``graphs=True`` stands a re-run through the same static buffers in
+Rank 0 has two more: the encode (new frames noised and stacked on the buffer) before its component,
+and the guidance and scheduler math after the prediction comes back, both over the stream's slot.
+The exchange between ranks (NCCL) stays outside the graphs. On the CPU, ``graphs=True`` stands a re-run through the same static buffers in
 for the replay, so tests cover the buffer logic; only the replay needs a GPU.
 """
 

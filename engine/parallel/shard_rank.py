@@ -75,8 +75,8 @@ class RankJob:
     crash_at: tuple[int, int] | None = None
     #: as :class:`~engine.models.ModelSpec`'s: ``auto`` fuses LCM-LoRA into SD 1.x models that need it
     lcm_lora: str = "none"
-    #: replay each rank's component (and rank k−1's decode) from CUDA graphs (:mod:`engine.parallel.rank_graph`;
-    #: on the CPU, stand-ins through the same buffers)
+    #: replay each rank's calls from CUDA graphs: its component, rank 0's encode and scheduler step, rank k−1's
+    #: decode (:mod:`engine.parallel.rank_graph`; on the CPU, stand-ins through the same buffers)
     graphs: bool = False
 
 
@@ -135,6 +135,10 @@ class ShardRank:
         self.stream = StreamDiffusion(components, config) if rank == 0 else None
         self.models = StepModels(unet=None, vae=components.vae, dtype=self.dtype,  # type: ignore[arg-type]
                                  v_prediction=self.v_prediction)
+        if self.stream is not None:  # rank 0's calls before and after the UNet stage, over the stream's slot
+            self.index = torch.tensor([self.stream.slot], device=self.device)
+            self.encode_call = RankGraph(self._encode, self.device, graphs=job.graphs, name="encode")
+            self.step_call = RankGraph(self._step, self.device, graphs=job.graphs, name="scheduler step")
         self.held = _held(components, rank)
         del components
         self._links(shapes)
@@ -145,8 +149,8 @@ class ShardRank:
         self._prepare_graphs()
 
     def _prepare_graphs(self) -> None:
-        """Capture the component's call (and rank k−1's decode) now, on zeros of the shapes they will get:
-        before any transfer is posted."""
+        """Capture the component's call (and rank 0's encode and step, rank k−1's decode) now, on zeros of the
+        shapes they will get: before any transfer is posted."""
         if not self.job.graphs:
             return
         def zeros(shape: torch.Size, dtype: torch.dtype = self.dtype) -> torch.Tensor:
@@ -160,6 +164,12 @@ class ShardRank:
             self.component_call.prepare(hidden, found, zeros(self.temb_shape), zeros(self.text_shape))
             if self.last:
                 self.decode_call.prepare(zeros(self.finished_in.packing.shapes[0], MATH_DTYPE))
+            if self.stream is not None:
+                pixels = zeros(self.channels.frames.shape[1:], MATH_DTYPE)
+                self.encode_call.prepare(pixels)
+                x = self.encode_call(pixels)[1]
+                self.step_call.prepare(zeros(self.sample_shape), x.clone())
+                self.stream.reset()  # the warm-up and capture calls wrote into the slot's buffer and stock noise
 
     def _decode(self, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rank k−1: the finished latents as frames in [0, 1] and as uint8 pixels, and whether all is finite."""
@@ -273,20 +283,31 @@ class ShardRank:
 
     def _first(self, slot: int) -> None:
         """Rank 0: encode, component 0, then (once the prediction is back) the stream's own scheduler math."""
-        stream = self.stream
-        assert stream is not None
-        shape = stream.slots.shape
-        index = torch.tensor([stream.slot], device=self.device)
-        state = stream.slots.gather(index)
-        pixels = self.channels.frames[slot].to(self.device)
-        x = torch.cat([new_rows(self.models, shape, state, pixels), state.buffer], 1)
-        sample = layout(x, shape)
+        sample, x = self.encode_call(self.channels.frames[slot].to(self.device))
         self.predictions.post()
-        hidden, gives = self._run(sample.flatten(0, 1).to(self.dtype), {})
+        hidden, gives = self._run(sample, {})
         self._send(hidden, gives)
         with self.clock.timing(WAIT):
             prediction = self.predictions.wait()[0]
         self.clock.publish()  # before the finished latents go out: the frame's reply comes after this call's times
+        self.finished_out.send([self.step_call(prediction, x)])
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0, before the UNet stage: the new frames encoded and noised, stacked on the buffer (``x``), and
+        the UNet's input laid out from it (``sample``, in the model's dtype)."""
+        assert self.stream is not None
+        shape = self.stream.slots.shape
+        state = self.stream.slots.gather(self.index)
+        x = torch.cat([new_rows(self.models, shape, state, pixels), state.buffer], 1)
+        return layout(x, shape).flatten(0, 1).to(self.dtype), x
+
+    def _step(self, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0, after the UNet stage: RCFG and the LCM step on the noise prediction, the buffer moved on in the
+        slot; returns the finished latents (``f`` rows) for rank k−1 to decode."""
+        assert self.stream is not None
+        shape = self.stream.slots.shape
+        state = self.stream.slots.gather(self.index)
+        sample = layout(x, shape)
         eps = prediction.to(MATH_DTYPE).view(sample.shape)
         if self.v_prediction:  # ε = α·v + β·x, as engine.step._predict
             eps = layout(state.alpha, shape) * eps + layout(state.beta, shape) * sample
@@ -295,8 +316,8 @@ class ShardRank:
         buffer = next_buffer(x0, state, shape.frames)
         if shape.cfg_type in ("self", "initialize"):
             stock = next_stock(eps, stock, state, shape.frames)
-        self.finished_out.send([x0[:, -shape.frames:].flatten(0, 1)])
-        stream.slots.scatter(index, buffer, stock)
+        self.stream.slots.scatter(self.index, buffer, stock)
+        return x0[:, -shape.frames:].flatten(0, 1)
 
     def _later(self, sync: bool, slot: int) -> None:
         """Rank i ≥ 1: component i on this call's inputs (sync) or the previous call's (async)."""

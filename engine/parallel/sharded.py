@@ -25,10 +25,10 @@ k−1 calls saw the same latents, slightly stale otherwise.
 - synchronous calls only, rank 0 → all: the time and text embeddings (broadcast: they change
   only with the prompt or the schedule, and every such change is followed by synchronous calls).
 
-On CUDA each rank replays its component, and rank k−1 its decode too, from CUDA graphs it
-captures at set-up (:mod:`engine.parallel.rank_graph`), as one device replays its whole call:
-eager, a GPU spends most of a UNet's time launching kernels. The exchange and rank 0's encode and
-scheduler math run eagerly around them.
+On CUDA each rank replays its component from a CUDA graph it captures at set-up, rank 0 its encode
+and scheduler math too, and rank k−1 its decode (:mod:`engine.parallel.rank_graph`), as one device
+replays its whole call: eager, a GPU spends most of a UNet's time launching kernels. Only the
+exchange runs eagerly around them.
 
 Receives are posted before computing, so in an asynchronous call the next activations travel
 while every rank computes (gloo runs them on its own threads; NCCL on its own streams). Within
