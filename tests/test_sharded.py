@@ -29,7 +29,7 @@ from engine.backends import torch_unet
 from engine.config import StreamConfig
 from engine.parallel.fidelity import psnr
 from engine.parallel.launch import RankFailed
-from engine.parallel.links import activation_routes
+from engine.parallel.links import LinkGroups, activation_routes, link_pairs
 from engine.parallel.sharded import ShardedStream
 from engine.parallel.split import make_components, unet_blocks
 from engine.stream import StreamDiffusion
@@ -222,6 +222,8 @@ def test_three_ranks_three_steps_and_no_guidance(tiny) -> None:
     with ShardedStream("tiny", config, procs=3, resync_every=1, warmup_calls=1, call_timeout_s=60.0,
                        graphs=True) as stream:
         assert len({info["blocks"] for info in stream.ranks}) == 3
+        assert set(stream.ranks[1]["sends_bytes"]) == {2}  # its hidden state, to rank 2 only
+        assert set(stream.ranks[2]["sends_bytes"]) == {0}  # the prediction
         frames = [moving_frame(i, 64, 64) for i in range(5)]
         sharded, single = both(stream, tiny, frames, config=config)
         assert exact_calls(sharded, single) == [2, 3, 4]
@@ -232,10 +234,43 @@ def test_three_ranks_three_steps_and_no_guidance(tiny) -> None:
     assert not [p for p in stream.pids if _exists(p)]
 
 
+def test_cuts_from_block_times_measured_on_the_ranks_device(tiny) -> None:
+    """``cost="measured"``: rank 0 times the blocks and the VAE where the ranks run them, shares the cuts, and the
+    model it timed is pruned like the others' (synchronous calls exact)."""
+    with ShardedStream("tiny", CONFIG, procs=2, cost="measured", resync_every=1, call_timeout_s=60.0) as stream:
+        costs = stream.ranks[0]["costs"]
+        assert all(c > 0 for c in costs) and costs == stream.ranks[1]["costs"] and sum(costs) < 5
+        assert stream.ranks[0]["bounds"] == stream.ranks[1]["bounds"]
+        sharded, single = both(stream, tiny, [moving_frame(i, 64, 64) for i in range(3)])
+        assert exact_calls(sharded, single) == [1, 2]
+
+
 def test_routes_send_each_skip_straight_to_its_reader(tiny) -> None:
     a, b, c = make_components(unet_blocks(tiny.unet), (0, 2, 5, 7))
     routes = {(r.src, r.dst): r.items for r in activation_routes((a, b, c))}
     assert routes == {(0, 1): (-1, 3), (0, 2): (0, 1, 2), (1, 2): (-1,)}
+
+
+def test_each_direction_of_a_link_has_its_own_group(tiny) -> None:
+    """NCCL matches a pair's messages by order and runs them on one stream per group: rank 0's early receive of the
+    prediction would block its own send of the activations to rank k−1 were both directions one group. Every rank
+    must also create the same groups in the same order (``new_group`` is collective)."""
+    routes = activation_routes(make_components(unet_blocks(tiny.unet), (0, 2, 5, 7)))
+    pairs = link_pairs(3, routes)
+    assert pairs == [(0, 1), (0, 2), (1, 2), (2, 0)]  # commands and activations, the prediction back
+    created: list[list[int]] = []
+
+    def new_group(ranks: list[int]) -> object:
+        created.append(ranks)
+        return object()
+
+    groups = LinkGroups(reversed(pairs), new_group)  # any order in, one order out
+    assert created == [[0, 1], [0, 2], [1, 2], [0, 2]]
+    assert groups(0, 2) is not groups(2, 0)
+    assert len({id(groups(*pair)) for pair in pairs}) == len(pairs)
+    with pytest.raises(KeyError, match="no link from rank 1 to rank 0"):
+        groups(1, 0)
+    assert link_pairs(2, activation_routes(make_components(unet_blocks(tiny.unet), (0, 3, 7)))) == [(0, 1), (1, 0)]
 
 
 # --- failures and configuration -------------------------------------------------------------------

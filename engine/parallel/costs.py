@@ -73,7 +73,7 @@ def measure_costs(split: UNetSplit, sample: torch.Tensor, timestep: torch.Tensor
                   runs: int = 3) -> list[float]:
     """Seconds per block on the split's device: the median of ``runs`` timed passes after one untimed."""
     timings: list[list[float]] = [[] for _ in split.blocks]
-    sync = _synchronizer(sample.device)
+    sync = synchronizer(sample.device)
     temb = split.embed(timestep, sample.shape[0], sample.dtype)
     sizes = split.upsample_sizes(tuple(sample.shape[-2:]))
     for run in range(runs + 1):
@@ -89,7 +89,8 @@ def measure_costs(split: UNetSplit, sample: torch.Tensor, timestep: torch.Tensor
     return [statistics.median(t) for t in timings]
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A call that waits for ``device``'s queued work (nothing to wait for on the CPU): for timing."""
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 

@@ -3,18 +3,27 @@
 Every call each component's outputs go straight to the ranks that read them (``isend`` /
 ``irecv``, not broadcast: a rank gets only what it reads, and component 0's skips for component 2
 do not pass through rank 1). A :class:`Route` names one such message; :func:`activation_routes`
-derives them from the components' ``needs`` and ``gives``. Besides these, rank k−1 sends rank 0
-the noise prediction, and rank 0 sends rank k−1 the finished latents to decode.
+derives them from the components' ``needs`` and ``gives``. Besides these, rank 0 sends every rank
+each call's command, rank k−1 sends rank 0 the noise prediction, and rank 0 sends rank k−1 the
+finished latents to decode.
 
-Each message kind has its own tag, and each link two buffers: a receive can be posted for call
-c+1 while call c's buffer is still being read (the asynchronous mode computes on what the
-previous call delivered), and a send waits for the one two calls back before reusing its buffer.
+Each direction of each link has its own process group (:class:`LinkGroups`), because NCCL would
+otherwise deadlock the first call: it has no tags, matches a pair's messages by the order they
+were issued, and runs one pair's sends and receives on one stream in that order. Rank 0 posts its
+receive of the prediction from rank k−1 before it sends rank k−1 the activations that prediction
+needs, so on a shared stream each rank's send would wait behind its own receive. With a group per
+direction a receive only ever waits for the sender it names. No tags, on gloo either: so the CPU
+tests match messages as NCCL does, by order, and a message out of order fails them.
+
+Each link has two buffers: a receive can be posted for call c+1 while call c's buffer is still
+being read (the asynchronous mode computes on what the previous call delivered), and a send waits
+for the one two calls back before reusing its buffer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,7 +32,6 @@ from engine.parallel.exchange import Packing
 from engine.parallel.split import Component
 
 HIDDEN = -1  # a route item: the hidden state (skip connections are their ids, 0 and up)
-TAG_ACTIVATIONS, TAG_PREDICTION, TAG_FINISHED, TAG_COMMAND = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,38 @@ def activation_routes(components: Sequence[Component]) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def link_pairs(world: int, routes: Iterable[Route]) -> list[tuple[int, int]]:
+    """Every ``(src, dst)`` that carries messages: commands from rank 0 to each rank, the activations'
+    routes, the prediction from rank k−1 to rank 0 (the finished latents go with rank 0's commands)."""
+    pairs = {(0, rank) for rank in range(1, world)} | {(r.src, r.dst) for r in routes}
+    return sorted(pairs | ({(world - 1, 0)} if world > 1 else set()))
+
+
+class LinkGroups:
+    """One process group per direction of each link (two 2-rank groups for a link used both ways).
+
+    Every rank of the default group must create them, the same ones in the same order (torch's
+    ``new_group`` is collective): build it on every rank from the same :func:`link_pairs`.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[int, int]],
+                 new_group: Callable[[list[int]], dist.ProcessGroup] = dist.new_group) -> None:
+        self._groups = {(src, dst): new_group(sorted((src, dst))) for src, dst in sorted(pairs)}
+
+    def __call__(self, src: int, dst: int) -> dist.ProcessGroup:
+        """The group that carries ``src``'s messages to ``dst``, and nothing the other way."""
+        try:
+            return self._groups[src, dst]
+        except KeyError:
+            raise KeyError(f"no link from rank {src} to rank {dst}") from None
+
+
 class Outbox:
     """Sends one message kind to one rank each call, asynchronously, from two alternating buffers."""
 
-    def __init__(self, packing: Packing, dst: int, tag: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.packing, self.dst, self.tag = packing, dst, tag
+    def __init__(self, packing: Packing, dst: int, group: dist.ProcessGroup | None, device: torch.device,
+                 dtype: torch.dtype, name: str = "message") -> None:
+        self.packing, self.dst, self.group, self.name = packing, dst, group, name
         self._buffers = [torch.empty(packing.numel, device=device, dtype=dtype) for _ in range(2)]
         self._works: list[dist.Work | None] = [None, None]
         self._count = 0
@@ -64,7 +99,7 @@ class Outbox:
         if self._works[index] is not None:
             self._works[index].wait()  # the send two calls back still reads this buffer
         self.packing.pack(tensors, self._buffers[index])
-        self._works[index] = dist.isend(self._buffers[index], self.dst, tag=self.tag)
+        self._works[index] = dist.isend(self._buffers[index], self.dst, group=self.group)
         self._count += 1
 
     def flush(self) -> None:
@@ -80,8 +115,9 @@ class Inbox:
     :attr:`latest`, which stays readable while the following message is being received.
     """
 
-    def __init__(self, packing: Packing, src: int, tag: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.packing, self.src, self.tag = packing, src, tag
+    def __init__(self, packing: Packing, src: int, group: dist.ProcessGroup | None, device: torch.device,
+                 dtype: torch.dtype, name: str = "message") -> None:
+        self.packing, self.src, self.group, self.name = packing, src, group, name
         self._buffers = [torch.empty(packing.numel, device=device, dtype=dtype) for _ in range(2)]
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._count = 0
@@ -89,9 +125,9 @@ class Inbox:
 
     def post(self) -> None:
         if self._pending is not None:
-            raise RuntimeError(f"a receive from rank {self.src} (tag {self.tag}) is already in flight")
+            raise RuntimeError(f"a receive of the {self.name} from rank {self.src} is already in flight")
         buffer = self._buffers[self._count % 2]
-        self._pending = (dist.irecv(buffer, self.src, tag=self.tag), buffer)
+        self._pending = (dist.irecv(buffer, self.src, group=self.group), buffer)
         self._count += 1
 
     def wait(self) -> list[torch.Tensor]:
@@ -102,7 +138,7 @@ class Inbox:
             self._pending = None
             self.latest = self.packing.unpack(buffer)
         if self.latest is None:
-            raise RuntimeError(f"nothing received from rank {self.src} (tag {self.tag}) yet")
+            raise RuntimeError(f"no {self.name} received from rank {self.src} yet")
         return self.latest
 
     def receive(self) -> list[torch.Tensor]:

@@ -46,10 +46,9 @@ from torch import nn
 from engine.config import StreamConfig
 from engine.models import ModelSpec, load_components
 from engine.parallel.rank_graph import RankGraph
-from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs
+from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs, synchronizer
 from engine.parallel.exchange import Packing
-from engine.parallel.links import (HIDDEN, TAG_ACTIVATIONS, TAG_COMMAND, TAG_FINISHED, TAG_PREDICTION, Inbox,
-                                   Outbox, activation_routes)
+from engine.parallel.links import HIDDEN, Inbox, LinkGroups, Outbox, activation_routes, link_pairs
 from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
 from engine.slots import MATH_DTYPE
@@ -113,12 +112,12 @@ class ShardRank:
         components = load_components(ModelSpec(model=job.model, vae=job.vae, lcm_lora=job.lcm_lora, device="cpu",
                                                dtype=job.dtype))
         self.dtype = components.dtype
-        self.device = torch.device(job.devices[rank])
         self.v_prediction = components.prediction_type == "v_prediction"
         rows = config.unet_batch_size
         self.sample_shape = (rows, components.latent_channels, *config.latent_size)
         self.text_shape = (rows, components.tokenizer.model_max_length, components.unet.config.cross_attention_dim)
-        self.costs, bounds = _cuts(components, config, self.sample_shape, world, job.cost)
+        self.device = torch.device(job.devices[rank])
+        self.costs, bounds = _cuts(components, config, self.sample_shape, world, job.cost, self.device)
         shapes = _output_shapes(components.unet, bounds, self.sample_shape, self.text_shape[1])
         self.split = UNetSplit(components.unet, bounds)
         self.component = self.split.components[rank]
@@ -180,29 +179,31 @@ class ShardRank:
 
     def _links(self, shapes: list[dict[int, torch.Size]]) -> None:
         routes = activation_routes(self.split.components)
+        groups = LinkGroups(link_pairs(self.world, routes))  # collective: every rank, here, in the same order
         latent = torch.Size(self.sample_shape)
         finished = torch.Size((self.job.config.frame_buffer_size, *latent[1:]))
-        device, dtype = self.device, self.dtype
-        self.outboxes = [Outbox(Packing([shapes[r.src][i] for i in r.items]), r.dst, TAG_ACTIVATIONS, device, dtype)
-                         for r in routes if r.src == self.rank]
-        self.out_items = [r.items for r in routes if r.src == self.rank]
-        self.inboxes = [Inbox(Packing([shapes[r.src][i] for i in r.items]), r.src, TAG_ACTIVATIONS, device, dtype)
-                        for r in routes if r.dst == self.rank]
-        self.in_items = [r.items for r in routes if r.dst == self.rank]
-        last = self.world - 1
+        device, dtype, rank, last = self.device, self.dtype, self.rank, self.world - 1
+        self.outboxes = [Outbox(Packing([shapes[r.src][i] for i in r.items]), r.dst, groups(rank, r.dst), device, dtype,
+                                "activations") for r in routes if r.src == rank]
+        self.out_items = [r.items for r in routes if r.src == rank]
+        self.inboxes = [Inbox(Packing([shapes[r.src][i] for i in r.items]), r.src, groups(r.src, rank), device, dtype,
+                              "activations") for r in routes if r.dst == rank]
+        self.in_items = [r.items for r in routes if r.dst == rank]
         command = Packing([torch.Size([3])])
-        self.commands_out = [Outbox(command, r, TAG_COMMAND, device, torch.long) for r in range(1, self.world)]
-        self.command_in = Inbox(command, 0, TAG_COMMAND, device, torch.long)
-        if self.rank == 0:
-            self.predictions = Inbox(Packing([latent]), last, TAG_PREDICTION, device, dtype)
-            self.finished_out = Outbox(Packing([finished]), last, TAG_FINISHED, device, MATH_DTYPE)
+        self.commands_out = [Outbox(command, r, groups(0, r), device, torch.long, "command")
+                             for r in range(1, self.world)] if rank == 0 else []
+        self.command_in = Inbox(command, 0, groups(0, rank), device, torch.long, "command") if rank else None
+        if rank == 0:
+            self.predictions = Inbox(Packing([latent]), last, groups(last, 0), device, dtype, "prediction")
+            self.finished_out = Outbox(Packing([finished]), last, groups(0, last), device, MATH_DTYPE,
+                                       "finished latents")
         if self.last:
-            self.prediction_out = Outbox(Packing([latent]), 0, TAG_PREDICTION, device, dtype)
-            self.finished_in = Inbox(Packing([finished]), 0, TAG_FINISHED, device, MATH_DTYPE)
+            self.prediction_out = Outbox(Packing([latent]), 0, groups(last, 0), device, dtype, "prediction")
+            self.finished_in = Inbox(Packing([finished]), 0, groups(0, last), device, MATH_DTYPE, "finished latents")
 
     def info(self) -> dict[str, Any]:
         """What this rank holds and sends: for the driver's report and the tests."""
-        sends = {r.dst: box.nbytes for r, box in zip(activation_routes(self.split.components), self.outboxes)}
+        sends = {box.dst: box.nbytes for box in self.outboxes}  # one activations message per rank it feeds
         if self.rank == 0:
             sends[self.world - 1] = sends.get(self.world - 1, 0) + self.finished_out.nbytes
         if self.last:
@@ -244,7 +245,7 @@ class ShardRank:
         Point to point, not a collective: rank 0 starts the next call (encode, component 0) while
         rank k−1 still decodes the last one.
         """
-        if self.rank != 0:
+        if self.command_in is not None:
             return tuple(int(v) for v in self.command_in.receive()[0].cpu())  # type: ignore[return-value]
         command = self._next_call()
         for box in self.commands_out:
@@ -411,13 +412,14 @@ class StageClock:
 # ---------------------------------------------------------------------- building a rank
 
 
-def _cuts(components, config: StreamConfig, sample_shape: tuple[int, ...], world: int,
-          cost: str) -> tuple[list[float], tuple[int, ...]]:
+def _cuts(components, config: StreamConfig, sample_shape: tuple[int, ...], world: int, cost: str,
+          device: torch.device) -> tuple[list[float], tuple[int, ...]]:
     """Per-block costs and balanced cuts, the same on every rank.
 
     ``estimated``: multiply-accumulates of the UNet blocks, computed alike everywhere. ``measured``:
-    rank 0 times each block on the stream batch, adds the VAE encode to the first block and the
-    decode to the last (rank 0 and rank k−1 run them), and shares the cuts.
+    rank 0 times each block on the stream batch on its ``device`` (where the ranks will run them:
+    a CPU's profile is not a GPU's), adds the VAE encode to the first block and the decode to the
+    last (rank 0 and rank k−1 run them), and shares the cuts.
     """
     unet = components.unet
     text_tokens = components.tokenizer.model_max_length
@@ -426,27 +428,37 @@ def _cuts(components, config: StreamConfig, sample_shape: tuple[int, ...], world
         return costs, balanced_bounds(costs, world)
     shared: list[Any] = [None]
     if dist.get_rank() == 0:
-        costs = _measured_costs(components, config, sample_shape, text_tokens)
+        costs = _measured_costs(components, config, sample_shape, text_tokens, device)
         shared = [(costs, balanced_bounds(costs, world))]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
 
 
-def _measured_costs(components, config: StreamConfig, sample_shape, text_tokens: int) -> list[float]:
-    """Seconds per block on this stream batch, the VAE encode added to the first and the decode to the last."""
-    unet = components.unet
-    sample = torch.randn(*sample_shape, dtype=components.dtype)
-    text = torch.randn(sample_shape[0], text_tokens, unet.config.cross_attention_dim, dtype=components.dtype)
+def _measured_costs(components, config: StreamConfig, sample_shape, text_tokens: int,
+                    device: torch.device) -> list[float]:
+    """Seconds per block on this stream batch on ``device``, the VAE encode added to the first block and the
+    decode to the last. The UNet and VAE visit ``device`` for it, and are back on the CPU after, as the other
+    ranks' are, to be pruned before they move."""
+    unet, vae = components.unet.to(device), components.vae.to(device)
+    on = dict(device=device, dtype=components.dtype)
+    sample = torch.randn(*sample_shape, **on)
+    text = torch.randn(sample_shape[0], text_tokens, unet.config.cross_attention_dim, **on)
     costs = measure_costs(UNetSplit(unet), sample, 500, text)
-    frames = torch.rand(config.frame_buffer_size, 3, config.height, config.width, dtype=components.dtype)
+    frames = torch.rand(config.frame_buffer_size, 3, config.height, config.width, **on)
+    sync = synchronizer(device)
     timings = []
-    for _ in range(3):
+    for _ in range(4):  # the first untimed, as measure_costs does
+        sync()
         start = time.perf_counter()
-        latents = encode_latents(components.vae, frames)
+        latents = encode_latents(vae, frames)
+        sync()
         middle = time.perf_counter()
-        decode_latents(components.vae, latents)
+        decode_latents(vae, latents)
+        sync()
         timings.append((middle - start, time.perf_counter() - middle))
-    encode, decode = sorted(timings)[1]
+    unet.cpu()
+    vae.cpu()
+    encode, decode = sorted(timings[1:])[1]
     costs[0] += encode
     costs[-1] += decode
     return costs
