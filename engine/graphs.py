@@ -10,8 +10,9 @@ uint8) once for each number of streams ``k`` it will batch, then replays it:
   ``k`` streams use their first ``k`` rows;
 - each stream's state lives in its slot (:mod:`engine.slots`), which the graph gathers by index
   and writes back, so a replay serves whichever streams the index names;
-- every size shares one memory pool, captured largest first; outputs are read (copied to
-  pinned host memory, one synchronisation) before the next replay overwrites them.
+- every size shares one memory pool, captured largest first (a size that cannot be captured runs
+  eagerly, and the sizes after it share a new pool); outputs are read (copied to pinned host
+  memory, one synchronisation) before the next replay overwrites them.
 
 :class:`CallRunner` is the same object with or without graphs: without, it runs the call
 eagerly through the same static buffers. On the CPU, ``graphs=True`` stands a
@@ -60,11 +61,13 @@ def warm_up_on(side: torch.cuda.Stream, call: Callable[[], object]) -> None:
 
 def record_on(side: torch.cuda.Stream, call: Callable[[], T],
               pool: tuple[int, int] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
-    """``call`` captured on ``side`` (into ``pool``, if given); the graph and the call's outputs, which each
-    replay rewrites. On failure (``RuntimeError``: an op that cannot be captured) the caller's stream is current
-    again and the device idle, so the call can run eagerly from there."""
+    """``call`` captured on ``side`` (into ``pool``; a fresh one if None); the graph and the call's outputs,
+    which each replay rewrites. On failure (``RuntimeError``: an op that cannot be captured) the caller's stream
+    is current again, the device idle and the device allocator no longer capturing, so the call can run eagerly
+    from there; capture nothing more into ``pool`` (see :meth:`CallRunner._fresh_pool`)."""
     caller = torch.cuda.current_stream(side.device)
     graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool  # known: a failure ends recording to it
     try:
         with CAPTURE_LOCK:  # thread_local: other devices' workers go on running while this one captures
             with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
@@ -72,8 +75,22 @@ def record_on(side: torch.cuda.Stream, call: Callable[[], T],
     except RuntimeError:
         torch.cuda.set_stream(caller)  # a failed capture_end leaves the capture stream current (torch's exit)
         torch.cuda.synchronize(side.device)
+        _end_allocating_to(side.device, pool)
         raise
     return graph, outputs
+
+
+def _end_allocating_to(device: torch.device, pool: tuple[int, int]) -> None:
+    """Stop the caching allocator routing allocations to ``pool``, which a failed capture leaves it doing.
+
+    torch's ``capture_end`` throws (the stream's capture was invalidated) before it ends the pool's
+    recording. Left so, the allocator counts a capture as under way for good: ``empty_cache`` and the
+    out-of-memory retry stop freeing cached blocks, and the next capture into the same pool fails.
+    """
+    try:
+        torch._C._cuda_endAllocateToPool(device.index, pool)
+    except RuntimeError:  # nothing to end: the capture never began, or its capture_end did end it
+        pass
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,7 @@ class CallRunner:
         self._host_pixels = torch.empty(rows, shape.height, shape.width, 3, dtype=torch.uint8, pin_memory=cuda)
         self._host_flags = torch.empty(max_streams, 2, dtype=torch.bool, pin_memory=cuda)  # k rows: contiguous
         self._graphs: dict[int, Captured] = {}
-        self._pool = torch.cuda.graph_pool_handle() if cuda else None
+        self._pool = self._fresh_pool()
         #: one capture stream for every size: the allocator reuses a pool's blocks only on the stream that
         #: allocated them, so sizes captured on one stream share their intermediates (torch's graph docs)
         self._side = torch.cuda.Stream(self.device) if cuda else None
@@ -165,7 +182,8 @@ class CallRunner:
 
     @torch.inference_mode()  # as every call runs: compiled code guards on it
     def capture(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
-        """Capture a graph for each stream count in ``sizes`` (default all), largest first, sharing one pool.
+        """Capture a graph for each stream count in ``sizes`` (default all), largest first, sharing one pool
+        (a new one after a size that could not be captured: that size runs eagerly).
 
         Run it on the thread that will replay (the device's worker) before any stream takes a slot:
         the warm-up calls write into the first slots.
@@ -180,6 +198,7 @@ class CallRunner:
                 self._graphs[k] = self._record(k)
             except RuntimeError as error:  # an op that cannot be captured: this size runs eagerly, still correct
                 log.warning("could not capture the call for %d stream(s) (%s); it runs eagerly", k, error)
+                self._pool = self._fresh_pool()
 
     @torch.inference_mode()
     def warm_up(self, sizes: list[int] | None = None, progress: Callable[[str], None] = lambda line: None) -> None:
@@ -216,6 +235,12 @@ class CallRunner:
     def _step(self, k: int) -> StepOutput:
         pixels = self.pixels[: k * self.slots.shape.frames] if self.encode else None
         return stream_step(self.models, self.slots, self.index[:k], pixels)
+
+    def _fresh_pool(self) -> tuple[int, int] | None:
+        """A new memory pool for the sizes still to capture (none for stand-ins). After a failed capture the
+        old pool cannot take more: torch's host allocator keeps recording to it, and there is no call to end
+        that, so its next capture would fail as "already recording"."""
+        return torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def _warm(self, k: int) -> None:
         """The calls before a capture (compile, autotune, cuDNN and TensorRT set-up); none for a stand-in."""
