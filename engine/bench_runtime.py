@@ -9,8 +9,9 @@ alternate so machine drift hits both alike, and the floor is warmed up before it
 chunk. Latency counts only frames submitted inside a window.
 
 One engine serves every S (loaded, compiled and captured once, for up to the largest S
-streams per call). Offer far more frames than the model can take (``--offer-fps 400`` on a
-GPU) to measure capacity rather than the offered rate.
+streams per call), fewest streams first; ``--json`` is rewritten after each S, so a run stopped
+part-way keeps what it measured. Offer far more frames than the model can take
+(``--offer-fps 400`` on a GPU) to measure capacity rather than the offered rate.
 """
 
 from __future__ import annotations
@@ -168,26 +169,36 @@ def engine_for(args: argparse.Namespace, config: StreamConfig, streams: int) -> 
                   progress=lambda stage: print(f"  {stage}", file=sys.stderr))
 
 
-async def measure_all(args: argparse.Namespace, config: StreamConfig, counts: list[int]) -> tuple[list[dict], dict]:
+async def measure_all(args: argparse.Namespace, config: StreamConfig, counts: list[int]) -> dict:
+    """The record of every S in ``counts``, measured in that order on one engine. ``--json`` is rewritten once the
+    engine is ready and after each S, so a run cut short (gpu-check's time limits) keeps the S it measured."""
     engine = engine_for(args, config, max(counts))
     started = time.perf_counter()
     await asyncio.to_thread(engine.load)  # load, compile every call size, capture: what a user waits for
     start_seconds = time.perf_counter() - started
     print(f"engine ready in {start_seconds:.1f} s", file=sys.stderr)
     async with engine:
-        results = []
+        results: list[dict] = []
+        summary = {
+            "results": results,
+            "config": {**asdict(config), "preset": args.preset, "offer_fps": args.offer_fps,
+                       "duration": args.duration, "backend": engine.backend},
+            "start_seconds": start_seconds,
+            "environment": environment(engine.components.device),
+        }
+        write_json(args.json, summary)
         for streams in counts:
             print(f"measuring S={streams} for {args.duration:.0f} s ...", file=sys.stderr)
             results.append(await measure(engine, args, streams))
-        return results, {"backend": engine.backend, "start_seconds": start_seconds,
-                         "environment": environment(engine.components.device)}
+            write_json(args.json, summary)
+        return summary
 
 
-def print_table(results: list[dict], summary: dict) -> None:
+def print_table(summary: dict) -> None:
     print(f"\n{'S':>2} {'runtime fps':>11} {'floor fps':>9} {'÷ floor':>7} {'session min/max':>15} "
           f"{'lat p50/p95 ms':>15} {'drops':>6}")
     print("-" * 72)
-    for r in results:
+    for r in summary["results"]:
         p50, p95 = (f"{r[key]:.0f}" if r[key] is not None else "-" for key in ("latency_ms_p50", "latency_ms_p95"))
         print(f"{r['sessions']:>2} {r['runtime_fps']:>11.2f} {r['floor_fps']:>9.2f} {r['runtime_over_floor']:>7.2f} "
               f"{r['min_session_fps']:>7.2f}/{r['max_session_fps']:<7.2f} {p50:>7}/{p95:<7} {r['drop_rate']:>6.0%}")
@@ -200,15 +211,6 @@ def print_table(results: list[dict], summary: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = bench_config(args)
-    counts = [int(x) for x in args.sessions.split(",") if x.strip()]
-    results, where = asyncio.run(measure_all(args, config, counts))
-    summary = {
-        "results": results,
-        "config": {**asdict(config), "preset": args.preset, "offer_fps": args.offer_fps, "duration": args.duration,
-                   "backend": where["backend"]},
-        "start_seconds": where["start_seconds"],
-        "environment": where["environment"],
-    }
-    print_table(results, summary)
-    write_json(args.json, summary)
+    counts = sorted({int(x) for x in args.sessions.split(",") if x.strip()})  # fewest first: cheapest, and S=1 leads
+    print_table(asyncio.run(measure_all(args, config, counts)))
     return 0

@@ -73,3 +73,27 @@ def test_runtime_bench_writes_the_documented_json(tmp_path) -> None:
                     "latency_ms_p50", "latency_ms_p95"):
             assert r[key] > 0, key
         assert 0 <= r["drop_rate"] <= 1
+
+
+def test_runtime_bench_stopped_part_way_keeps_the_session_counts_it_measured(tmp_path, monkeypatch) -> None:
+    """gpu-check's time limit may stop it after a few S: those S are in the JSON already, fewest streams first."""
+    from engine import bench_runtime
+
+    class Stopped(Exception):
+        pass
+
+    measured = bench_runtime.measure
+
+    async def measure_until_two(engine, args, streams: int) -> dict:
+        if streams == 2:
+            raise Stopped
+        return await measured(engine, args, streams)
+
+    monkeypatch.setattr(bench_runtime, "measure", measure_until_two)
+    out = tmp_path / "runtime.json"
+    with pytest.raises(Stopped):
+        bench.main(["--runtime", "--preset", "tiny", "--size", "64", "--t-index-list", "20,40",
+                    "--sessions", "2,1", "--duration", "1", "--warmup", "0.5", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["sessions"] for r in record["results"]] == [1]
+    assert record["start_seconds"] > 0 and record["config"]["backend"] == "torch"

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.batch import FrameJob, run_jobs
+from engine.components import Components
 from engine.config import StreamConfig
-from engine.models import ModelSpec
 from engine.presets import build_preset
 from engine.runtime import Engine, EngineConfig
 from engine.stream import StreamDiffusion
+from tests.test_graphs import runner_for
 from tests.test_runtime import lockstep, solo, wait_until
 
 pytestmark = pytest.mark.gpu
@@ -25,9 +27,18 @@ pytestmark = pytest.mark.gpu
 CONFIG = StreamConfig(t_index_list=(10, 30, 45), width=128, height=128, cfg_type="self", prompt="a red fox")
 
 
-def frames(count: int, size: int = 128) -> list[np.ndarray]:
-    rng = np.random.default_rng(3)
+def frames(count: int, size: int = 128, seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
     return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def sd_turbo() -> Components:
+    """sd-turbo's architecture with seeded random weights, fp16 on the GPU: built once for the tests here
+    (random init of its 866 M-parameter UNet takes tens of seconds, out of gpu-check's short time limits)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU visible to torch")
+    return build_preset("sd-turbo-random", device="cuda", dtype=torch.float16)
 
 
 def test_the_stream_on_the_gpu_equals_the_stream_on_the_cpu(tiny, gpu_tiny) -> None:
@@ -58,11 +69,8 @@ async def test_sessions_batched_on_the_gpu_equal_their_solo_runs(gpu_tiny) -> No
             assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2  # other kernels, batch 2
 
 
-def test_sd_turbo_architecture_runs_a_512_stream_in_fp16() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU visible to torch")
-    components = build_preset("sd-turbo-random", device="cuda", dtype=torch.float16)
-    stream = StreamDiffusion(components, StreamConfig(t_index_list=(32, 45), prompt="a cat"))
+def test_sd_turbo_architecture_runs_a_512_stream_in_fp16(sd_turbo) -> None:
+    stream = StreamDiffusion(sd_turbo, StreamConfig(t_index_list=(32, 45), prompt="a cat"))
     outputs = [stream(frame) for frame in frames(3, 512)]
     assert outputs[0] is None and outputs[-1].shape == (512, 512, 3)
     assert outputs[-1].std() > 1, "a flat picture means the random model collapsed"
@@ -107,14 +115,11 @@ async def test_cuda_graphs_serve_sessions_joining_and_leaving_like_eager(gpu_tin
             assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2
 
 
-async def test_sd_turbo_architecture_replays_its_calls_as_graphs_like_eager() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU visible to torch")
+async def test_sd_turbo_architecture_replays_its_calls_as_graphs_like_eager(sd_turbo) -> None:
     config = StreamConfig(t_index_list=(32, 45), prompt="a cat")
     inputs = frames(4, 512)
-    engine_config = EngineConfig(model=ModelSpec("sd-turbo-random", device="cuda"), stream=config, backend="torch",
-                                 graphs=True, max_sessions=1, idle_timeout=600)
-    async with Engine(engine_config) as engine:
+    engine_config = EngineConfig(stream=config, backend="torch", graphs=True, max_sessions=1, idle_timeout=600)
+    async with Engine(engine_config, components=sd_turbo) as engine:
         outputs = await lockstep(await engine.open_session(), inputs)
         components = engine.components
         eager = await engine.run_on_device(lambda model: solo(model.components, config, inputs))
@@ -122,3 +127,53 @@ async def test_sd_turbo_architecture_replays_its_calls_as_graphs_like_eager() ->
     assert len(outputs) == len(eager) == 3
     for output, frame in zip(outputs, eager):
         assert np.abs(output.frame.astype(int) - frame.astype(int)).max() <= 2
+
+
+def test_a_size_that_cannot_be_captured_runs_eagerly_and_the_rest_replay(gpu_tiny, monkeypatch) -> None:
+    """The GPU twin of the CPU test in tests/test_graphs.py. A capture that fails (here the 2-stream call syncs
+    with the host, only while capturing) leaves torch's allocator recording to its pool: engine.graphs ends that,
+    and captures the sizes after it into a new pool. So the other sizes still capture and replay, and
+    ``empty_cache`` still frees memory."""
+    runner = runner_for(gpu_tiny, CONFIG, streams=3, capture=False)
+    real_step = runner._step
+
+    def step(k: int):
+        output = real_step(k)
+        if k == 2 and torch.cuda.is_current_stream_capturing():
+            output.pixels.sum().item()  # a host sync: CUDA invalidates the capture
+        return output
+
+    monkeypatch.setattr(runner, "_step", step)
+    runner.capture()
+    assert runner.captured == [1, 3]
+    assert_empty_cache_frees_memory()
+    prompts = ("ink", "neon", "oil")
+    streams = [StreamDiffusion(gpu_tiny, CONFIG.with_updates(prompt=p), runner=runner) for p in prompts]
+    inputs = {p: frames(5, seed=i) for i, p in enumerate(prompts)}
+    schedule = [(0,), (0, 1), (0, 1, 2), (1, 2), (0, 1, 2), (2,)]  # calls of 1, 2 (eager) and 3 streams
+    got: dict[str, list] = {p: [] for p in prompts}
+    fed: dict[str, list] = {p: [] for p in prompts}
+    for members in schedule:
+        jobs = [FrameJob(streams[i], inputs[prompts[i]][len(fed[prompts[i]])]) for i in members]
+        for i, job in zip(members, jobs):
+            fed[prompts[i]].append(job.frame)
+        run_jobs(jobs, runner)
+        for i, job in zip(members, jobs):
+            assert job.error is None
+            got[prompts[i]] += job.outputs or []
+    for prompt, stream in zip(prompts, streams):
+        want = solo(gpu_tiny, stream.config, fed[prompt])
+        assert len(got[prompt]) == len(want) > 0
+        for a, b in zip(got[prompt], want):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def assert_empty_cache_frees_memory() -> None:
+    """While the allocator counts a capture as under way, ``empty_cache`` (and the out-of-memory retry) frees
+    nothing."""
+    size = 256 << 20
+    spare = torch.empty(size, dtype=torch.uint8, device="cuda")
+    del spare
+    cached = torch.cuda.memory_reserved()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= cached - size, "the allocator still thinks a capture is under way"

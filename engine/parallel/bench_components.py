@@ -5,9 +5,12 @@
 For each number of denoising steps and each k, the UNet is cut as the sharded stream cuts it
 (balanced estimated costs, :func:`~engine.parallel.split.balanced_bounds`), on the stream batch the
 stream would run (``n`` rows per frame, twice that with ``--cfg-type full``). On this one device it
-times the whole UNet and each component alone, on the inputs the components before it produce,
-and it sizes every link the ranks would use: the activations each component sends to later ones
-(:func:`~engine.parallel.links.activation_routes`) and the noise prediction back to rank 0.
+times the whole UNet and each component alone, on the inputs the components before it produce, and
+as the ranks run them: through a :class:`~engine.parallel.rank_graph.RankGraph`, so on CUDA each is
+replayed from a CUDA graph (eager, a UNet's time is mostly kernel launches, in proportion to a
+component's kernel count rather than its work). It sizes every link the ranks would use: the
+activations each component sends to later ones (:func:`~engine.parallel.links.activation_routes`)
+and the noise prediction back to rank 0.
 
 The model on paper: in asynchronous calls every component runs at once and the links carry the
 previous call's activations meanwhile, so the UNet stage's period on k devices is the slowest
@@ -25,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from engine.config import StreamConfig, parse_t_index_list
@@ -53,11 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def timed_as_ranks_run(call: Callable[..., object], args: tuple, device: torch.device, repeats: int,
+                       name: str) -> float:
+    """The median seconds of ``call(*args)`` as a sharded rank runs it: a :class:`RankGraph` replay on CUDA
+    (where a call that cannot be captured runs eagerly, on the ranks too), the call itself elsewhere."""
+    from engine.parallel.rank_graph import RankGraph
+
+    graph = RankGraph(call, device, graphs=device.type == "cuda", name=name)
+    graph.prepare(*args)
+    return timed(lambda: graph(*args), device, repeats)
+
+
 def timed(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """The median seconds of ``run`` (after three untimed runs), each run complete on the device."""
-    import torch
+    from engine.parallel.costs import synchronizer
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(3):
         run()
     sync()
@@ -85,20 +100,23 @@ def measure(unet, config: StreamConfig, ks: list[int], device: torch.device, dty
         generator = torch.Generator(device="cpu").manual_seed(0)
         sample = torch.randn(*latent, generator=generator).to(device, dtype)
         text = torch.randn(rows, text_tokens, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
-        whole = timed(lambda: unet(sample, TIMESTEP, encoder_hidden_states=text), device, repeats)
+        timestep = torch.tensor(TIMESTEP, device=device)  # a device tensor: a Python number is copied in, uncapturable
+        whole = timed_as_ranks_run(lambda x, t, states: unet(x, t, encoder_hidden_states=states, return_dict=False)[0],
+                                   (sample, timestep, text), device, repeats, "whole UNet")
         costs = estimate_costs(unet, latent, text_tokens)
         element = torch.empty((), dtype=dtype).element_size()
         results = []
         for k in ks:
             split = UNetSplit(unet, balanced_bounds(costs, k))
-            temb = split.embed(torch.tensor(TIMESTEP, device=device), rows, dtype)
+            temb = split.embed(timestep, rows, dtype)
             inputs, outputs, skips, hidden = [], [], {}, sample
             for index in range(k):  # each component's real inputs: what the ones before it produced
                 inputs.append((hidden, dict(skips)))
                 hidden, gives = split.run(index, hidden, skips, temb, text, tuple(latent[-2:]))
                 outputs.append({HIDDEN: hidden, **gives})
                 skips.update(gives)
-            seconds = [timed(lambda i=index: split.run(i, *inputs[i], temb, text, tuple(latent[-2:])), device, repeats)
+            seconds = [timed_as_ranks_run(partial(split.run, index, latent_size=tuple(latent[-2:])),
+                                          (*inputs[index], temb, text), device, repeats, f"UNet component {index}")
                        for index in range(k)]
             links = [sum(outputs[r.src][item].numel() for item in r.items) * element
                      for r in activation_routes(split.components)]

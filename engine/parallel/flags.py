@@ -107,11 +107,15 @@ def _suppressed(action: argparse.Action) -> argparse.Action:
 
 
 def write_json(path: str | None, record: dict[str, Any]) -> None:
-    """Write a benchmark's record to ``path`` (its folder made first), if a path was given."""
+    """Write a benchmark's record to ``path`` (its folder made first), if a path was given. Whole or not at all:
+    a benchmark stopped mid-write (gpu-check's time limits) leaves the record it wrote before."""
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    partial.replace(target)
     print(f"wrote {path}")
 
 
