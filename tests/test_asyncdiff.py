@@ -239,6 +239,19 @@ def test_stride_two_on_three_processes(tiny) -> None:
     assert np.array_equal(results[3].image, one_device)
 
 
+@pytest.mark.slow
+def test_four_components_where_one_reads_only_some_earlier_ones(tiny) -> None:
+    """k = 4: the last component takes skips from components 0 and 2 but nothing from 1, so it waits only for those
+    slots, and reads only those (slot 1 may still be in flight)."""
+    job = AsyncDiffJob(TXT, warmup_steps=1)
+    result, = run(4, 1, [job])
+    split = UNetSplit(tiny.unet, result.bounds)
+    producer = {s: c.index for c in split.components for s in c.gives}
+    last = split.components[3]
+    assert {2, *(producer[s] for s in last.needs)} != {0, 1, 2}, "no component skips an earlier one: cut elsewhere"
+    assert np.array_equal(result.image, reference_schedule(tiny, job.request, result.bounds, 1, 1))
+
+
 # --- failures -------------------------------------------------------------------------------------
 
 def test_a_killed_rank_is_reported_and_no_rank_is_left() -> None:

@@ -273,8 +273,11 @@ class AsyncDenoiser:
         return [hidden, *(gives[s] for s in component.gives)]
 
     def _skips(self, last: Round) -> dict[int, torch.Tensor]:
+        """The skips this component needs, from the slots it waited for (:attr:`reads`): others may be in flight."""
         found = {}
         for producer in self.split.components[:self.component.index]:
+            if producer.index not in self.reads:
+                continue
             tensors = last.tensors(producer.index)
             found.update({s: tensors[1 + i] for i, s in enumerate(producer.gives) if s in self.component.needs})
         return found
