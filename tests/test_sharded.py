@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -260,11 +261,12 @@ def test_each_direction_of_a_link_has_its_own_group(tiny) -> None:
     assert pairs == [(0, 1), (0, 2), (1, 2), (2, 0)]  # commands and activations, the prediction back
     created: list[list[int]] = []
 
-    def new_group(ranks: list[int]) -> object:
+    def new_group(ranks: list[int], timeout: timedelta) -> object:
+        assert timeout == timedelta(hours=5)  # the stream's, not torch's default (10 minutes on NCCL)
         created.append(ranks)
         return object()
 
-    groups = LinkGroups(reversed(pairs), new_group)  # any order in, one order out
+    groups = LinkGroups(reversed(pairs), timedelta(hours=5), new_group)  # any order in, one order out
     assert created == [[0, 1], [0, 2], [1, 2], [0, 2]]
     assert groups(0, 2) is not groups(2, 0)
     assert len({id(groups(*pair)) for pair in pairs}) == len(pairs)

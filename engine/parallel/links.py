@@ -23,6 +23,7 @@ for the one two calls back before reusing its buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -68,9 +69,31 @@ class LinkGroups:
     ``new_group`` is collective): build it on every rank from the same :func:`link_pairs`.
     """
 
-    def __init__(self, pairs: Iterable[tuple[int, int]],
-                 new_group: Callable[[list[int]], dist.ProcessGroup] = dist.new_group) -> None:
-        self._groups = {(src, dst): new_group(sorted((src, dst))) for src, dst in sorted(pairs)}
+    def __init__(self, pairs: Iterable[tuple[int, int]], timeout: timedelta,
+                 new_group: Callable[..., dist.ProcessGroup] = dist.new_group) -> None:
+        """``timeout``: how long a message may be waited for. A new group does not take the default group's (it
+        gets torch's default, 10 minutes on NCCL, whose watchdog then kills a rank idle that long)."""
+        self._groups = {(src, dst): new_group(sorted((src, dst)), timeout=timeout) for src, dst in sorted(pairs)}
+
+    def connect(self, rank: int, device: torch.device) -> None:
+        """Open every link with one small message, one link at a time in one order on every rank, with nothing
+        else in flight: before the first call.
+
+        NCCL connects a pair on its first message, and setting a connection up may synchronise the device.
+        Left to the first call, that would happen while another group's receive is already waiting on the
+        device for a peer that waits for this rank: the deadlock NCCL's guide warns of for several
+        communicators used at once. Done here, the calls only launch kernels.
+        """
+        token = torch.zeros(1, device=device)
+        for (src, dst), group in sorted(self._groups.items()):
+            if rank == src:
+                dist.send(token, dst, group=group)
+            elif rank == dst:
+                dist.recv(token, src, group=group)
+            else:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # NCCL's send and recv only queue work: finish each link first
 
     def __call__(self, src: int, dst: int) -> dist.ProcessGroup:
         """The group that carries ``src``'s messages to ``dst``, and nothing the other way."""

@@ -35,6 +35,7 @@ import os
 import signal
 import time
 from collections import deque
+from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -77,6 +78,9 @@ class RankJob:
     #: replay each rank's calls from CUDA graphs: its component, rank 0's encode and scheduler step, rank k−1's
     #: decode (:mod:`engine.parallel.rank_graph`; on the CPU, stand-ins through the same buffers)
     graphs: bool = False
+    #: how long a rank waits for a message before it fails (its group's timeout, the links' groups' too): a rank
+    #: waits for the next command as long as the stream is idle
+    timeout_s: float = 3600.0
 
 
 @dataclass
@@ -179,7 +183,9 @@ class ShardRank:
 
     def _links(self, shapes: list[dict[int, torch.Size]]) -> None:
         routes = activation_routes(self.split.components)
-        groups = LinkGroups(link_pairs(self.world, routes))  # collective: every rank, here, in the same order
+        # collective: every rank creates the same groups, here, in the same order
+        groups = LinkGroups(link_pairs(self.world, routes), timedelta(seconds=self.job.timeout_s))
+        groups.connect(self.rank, self.device)
         latent = torch.Size(self.sample_shape)
         finished = torch.Size((self.job.config.frame_buffer_size, *latent[1:]))
         device, dtype, rank, last = self.device, self.dtype, self.rank, self.world - 1

@@ -149,7 +149,7 @@ class ShardedStream:
         self._channels = _channels(config, k)
         self._stage_origin = self._channels.stages.clone()  # stage_times() counts from here
         self.graphs = torch.device(self.devices[0]).type == "cuda" if graphs is None else graphs
-        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at, lcm_lora, self.graphs)
+        job = RankJob(model, vae, dtype, self.devices, config, cost, crash_at, lcm_lora, self.graphs, idle_timeout_s)
         backend = "nccl" if torch.device(self.devices[0]).type == "cuda" else "gloo"
         group = GroupSpec(backend, idle_timeout_s, threads, self.devices)
         self._thread = threading.Thread(target=self._run_ranks, args=(job, group), daemon=True,
