@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from trt_build.adapters import EngineUNet, EngineVae
 from trt_build.cache import EngineCache, EngineKey, weights_fingerprint
 from trt_build.check import compare_with_torch
 from trt_build.export import OPSET, export_specs
-from trt_build.pipeline import prepare_onnx
+from trt_build.pipeline import BuildPlan, build_engines, prepare_onnx
 from trt_build.shapes import Range, ShapeProfile
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (test extra)")
@@ -212,6 +214,167 @@ def test_a_build_that_fails_leaves_nothing_behind(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="out of memory"):
         EngineCache(tmp_path).put(key(), failing)
     assert list(tmp_path.iterdir()) == []
+
+
+class Progress:
+    """A progress callback that keeps its lines; ``waiting`` is set once one says it waits for another build."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.waiting = threading.Event()
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith("waiting for another process building"):
+            self.waiting.set()
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_two_builders_of_one_engine_build_it_once_and_the_second_says_it_waits(tmp_path) -> None:
+    """Replicas starting together: the second waits on the engine's lock (each thread opens the lock file
+    itself, so they exclude each other as two processes do), then loads what the first built."""
+    cache, release, progress = EngineCache(tmp_path), threading.Event(), Progress()
+    builds, results = [], {}
+
+    def slow_build(target: Path) -> None:
+        builds.append(target)
+        assert release.wait(60)
+        target.write_bytes(b"plan")
+
+    def want(name: str, progress) -> None:
+        results[name] = cache.get_or_build(key(), slow_build, progress)
+
+    first = threading.Thread(target=want, args=("first", Progress()))
+    first.start()
+    assert wait_for(lambda: builds)
+    second = threading.Thread(target=want, args=("second", progress))
+    second.start()
+    assert progress.waiting.wait(60)
+    release.set()
+    for thread in (first, second):
+        thread.join(60)
+    path = cache.path(key())
+    assert results == {"first": (path, True), "second": (path, False)} and len(builds) == 1
+    assert progress.lines == [f"waiting for another process building {path.name}"]
+    assert path.read_bytes() == b"plan"
+
+
+HOLD_THE_BUILD = """
+import pickle, sys, time
+from pathlib import Path
+from trt_build.cache import EngineCache
+
+root, key = pickle.loads(sys.stdin.buffer.read())
+def build(target):
+    Path(root, "building").touch()
+    time.sleep(120)
+EngineCache(Path(root)).get_or_build(key, build)
+"""
+
+
+def test_a_builder_killed_half_way_lets_the_waiting_process_build(tmp_path) -> None:
+    """Another process holds the build; this one waits, saying so, and builds as soon as that one dies
+    (the kernel drops a dead process's lock: no stale lock file to clear by hand)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD], stdin=subprocess.PIPE)
+    holder.stdin.write(pickle.dumps((str(tmp_path), key())))
+    holder.stdin.close()
+    cache, progress, results = EngineCache(tmp_path), Progress(), []
+    waiter = threading.Thread(target=lambda: results.append(
+        cache.get_or_build(key(), lambda target: target.write_bytes(b"plan"), progress)))
+    try:
+        assert wait_for(lambda: (tmp_path / "building").exists() or holder.poll() is not None, timeout=120)
+        assert holder.poll() is None, "the other process failed before building"
+        waiter.start()
+        assert progress.waiting.wait(60)
+        assert not results, "it waits while the other process builds"
+    finally:
+        holder.kill()
+        holder.wait(60)
+    waiter.join(60)
+    path = cache.path(key())
+    assert results == [(path, True)] and path.read_bytes() == b"plan"
+    assert progress.lines == [f"waiting for another process building {path.name}"]
+
+
+# ------------------------------------------------------------------ building, without TensorRT
+
+
+STATIC = ShapeProfile.for_stream(CONFIG, sessions=2)
+
+
+class CpuBuilder:
+    """Stands in for :mod:`trt_build.builder`: reads the ONNX file it is given, as TensorRT's parser would,
+    and checks it is unchanged after ``while_parsing`` (another build running meanwhile) has run."""
+
+    def __init__(self) -> None:
+        self.parsed: list[Path] = []
+        self.while_parsing = lambda onnx_path: None
+
+    def write_engine(self, onnx_path: Path, shapes, target: Path, **options) -> None:
+        graph = onnx_path.read_bytes()
+        self.parsed.append(onnx_path)
+        self.while_parsing(onnx_path)
+        assert onnx_path.read_bytes() == graph, "another build changed the file under the parser"
+        target.write_bytes(onnx.load_from_string(graph).graph.name.encode())
+
+
+@pytest.fixture
+def cpu_builder(monkeypatch) -> CpuBuilder:
+    """``build_engines`` on the CPU: a made-up GPU, :class:`CpuBuilder` for TensorRT, and the VAE halves
+    only (exporting the UNet takes the most time and adds nothing here)."""
+    import types
+
+    builder, module = CpuBuilder(), types.ModuleType("trt_build.builder")
+    module.write_engine = builder.write_engine
+    monkeypatch.setitem(sys.modules, "trt_build.builder", module)
+    monkeypatch.setattr(BuildPlan, "specs", lambda plan: {part: spec for part, spec in
+                                                          export_specs(plan.components, plan.profile).items()
+                                                          if part != "unet"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    return builder
+
+
+def test_builds_at_once_never_share_an_onnx_file(tiny, tmp_path, cpu_builder) -> None:
+    """Two engine keys over one set of weights (two GPU kinds, or one model under two names) building at
+    once: the second export must neither overwrite nor delete the file the first one's parser reads."""
+    cache = EngineCache(tmp_path)
+
+    def build_the_other_name(onnx_path: Path) -> None:
+        cpu_builder.while_parsing = lambda onnx_path: None
+        build_engines(BuildPlan(tiny, STATIC, model="tiny under another name", cache=cache))
+
+    cpu_builder.while_parsing = build_the_other_name
+    build_engines(BuildPlan(tiny, STATIC, model="tiny", cache=cache))
+    assert len(set(cpu_builder.parsed)) == 4
+    assert list((tmp_path / "onnx").iterdir()) == [], "each build removes its ONNX files"
+
+
+def test_a_second_start_waits_for_the_engines_the_first_builds(tiny, tmp_path, cpu_builder) -> None:
+    """Replicas starting together: each part is exported and built once, and both get the same engines."""
+    cache, progress, results = EngineCache(tmp_path), Progress(), []
+    second = threading.Thread(target=lambda: results.append(
+        build_engines(BuildPlan(tiny, STATIC, model="tiny", cache=cache), progress)))
+
+    def start_the_second(onnx_path: Path) -> None:
+        cpu_builder.while_parsing = lambda onnx_path: None
+        second.start()
+        assert progress.waiting.wait(60)
+
+    cpu_builder.while_parsing = start_the_second
+    first = build_engines(BuildPlan(tiny, STATIC, model="tiny", cache=cache))
+    second.join(120)
+    assert results == [first]
+    assert sorted(path.name for path in cpu_builder.parsed) == ["vae_decoder.onnx", "vae_encoder.onnx"]
+    assert f"waiting for another process building {first['vae_encoder'].name}" in progress.lines
 
 
 # ------------------------------------------------------------------ the command

@@ -9,21 +9,37 @@ not as a name that could point at other weights tomorrow.
 Layout: ``<root>/<part>-<digest>.plan`` with ``<part>-<digest>.json`` beside it holding the
 key in full (for people, and to refuse a file whose sidecar disagrees). Writes go to a
 temporary file renamed into place, so a build killed half-way leaves nothing to load.
+
+Several processes may want one engine at once (replicas starting together, ``python -m trt_build``
+beside a starting app). :meth:`EngineCache.get_or_build` lets one build it while the others wait on
+``<part>-<digest>.plan.lock`` (``flock``, released by the kernel even if the builder is killed),
+then load what it built. Lock files stay: deleting one that a waiting process has open would let
+a third build alongside the first.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import torch
 
 from trt_build.shapes import ShapeProfile
+
+if sys.platform != "win32":
+    import fcntl
+
+log = logging.getLogger(__name__)
 
 #: Bump when what the exported graphs compute or take changes (export.py, adapters.py):
 #: engines built by older code must not load.
@@ -120,10 +136,44 @@ class EngineCache:
                 lambda tmp: tmp.write_text(json.dumps(key.as_dict(), indent=2, default=str), "utf-8"))
         return plan
 
-    def get_or_build(self, key: EngineKey, build: Callable[[Path], None]) -> tuple[Path, bool]:
-        """The cached engine for ``key``, building it first if needed; True when it was built now."""
+    def get_or_build(self, key: EngineKey, build: Callable[[Path], None],
+                     progress: Callable[[str], None] = log.warning) -> tuple[Path, bool]:
+        """The cached engine for ``key``, building it first if needed; True when it was built now.
+
+        One process builds while any other wanting the same engine waits (saying so through
+        ``progress``), then finds it here instead of building it again.
+        """
         found = self.get(key)
-        return (found, False) if found is not None else (self.put(key, build), True)
+        if found is not None:
+            return found, False
+        self.root.mkdir(parents=True, exist_ok=True)
+        plan = self.path(key)
+        with _exclusive(plan.with_name(plan.name + ".lock"),
+                        lambda: progress(f"waiting for another process building {plan.name}")):
+            found = self.get(key)  # built by the process that held the lock
+            return (found, False) if found is not None else (self.put(key, build), True)
+
+
+@contextmanager
+def _exclusive(path: Path, waiting: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``, calling ``waiting`` first when another process holds it."""
+    with open(path, "a") as handle:  # flock locks an open file: two opens exclude each other, even in one process
+        _lock(handle, waiting)
+        yield
+
+
+def _lock(handle: IO[str], waiting: Callable[[], None]) -> None:
+    if sys.platform == "win32":  # no flock: builds there are not coordinated
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        waiting()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as error:  # a file system without locks (some FUSE mounts): build, as before locking
+        if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        log.warning("cannot lock %s (%s): not waiting for other processes building it", handle.name, error)
 
 
 def _atomic(target: Path, write: Callable[[Path], object]) -> None:

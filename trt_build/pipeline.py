@@ -5,14 +5,19 @@
     components, unet = accelerate(plan)   # VAE halves and UNet now run as engines
 
 An engine found in the cache is loaded without exporting anything; a missing one is
-exported to ONNX under the cache's ``onnx/`` folder, cleaned, built and cached.
+exported to ONNX, cleaned, built and cached. The ONNX files go to a folder of the building
+process's own under the cache's ``onnx/`` folder (GBs for a UNet, too much for a small ``/tmp``),
+so processes building at once never read or delete each other's, and are removed once the
+engine is built. Processes wanting the same engine build it once (see :class:`EngineCache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +54,16 @@ def tensorrt_missing() -> str | None:
     version = tensorrt_version()
     if version is None:
         missing.append("TensorRT (pip install -e '.[trt]' on a machine that reaches NVIDIA's TensorRT wheels)")
-    elif int(version.split(".")[0]) < 10:
-        missing.append(f"TensorRT 10 or newer (found {version}; pip install -U 'tensorrt>=10')")
+    elif not (10, 1) <= _major_minor(version) < (11, 0):
+        missing.append(f"TensorRT 10.1 or a later 10.x (found {version}: 10.0 lacks device_memory_size_v2, 11 "
+                       f"removed the FP16 builder flag; pip install 'tensorrt>=10.1,<11')")
     return " and ".join(missing) or None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"10.1.0.27"`` → ``(10, 1)``."""
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]] + [0]
+    return numbers[0], numbers[1]
 
 
 def tensorrt_version() -> str | None:
@@ -78,7 +90,7 @@ class BuildPlan:
     @property
     def precision(self) -> str:
         if self.components.dtype != torch.float32:
-            return str(self.components.dtype).replace("torch.", "").replace("float", "fp")
+            return {torch.float16: "fp16", torch.bfloat16: "bf16"}[self.components.dtype]
         return "fp16" if self.fp16 else "fp32"
 
     def specs(self) -> dict[str, ExportSpec]:
@@ -95,8 +107,11 @@ class BuildPlan:
                          profile=self.profile, precision=self.precision, tensorrt=tensorrt,
                          compute_capability=compute_capability, gpu=name, opset=OPSET)
 
-    def onnx_path(self, spec: ExportSpec) -> Path:
-        return self.cache.root / "onnx" / f"{spec.part}-{self.fingerprint(spec)}.onnx"
+    def onnx_folder(self, spec: ExportSpec) -> tempfile.TemporaryDirectory[str]:
+        """A new folder for ``spec``'s ONNX files, this build's alone, removed when its ``with`` ends."""
+        parent = self.cache.root / "onnx"
+        parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=parent, prefix=f".{spec.part}-")
 
     def fingerprint(self, spec: ExportSpec) -> str:
         """The exported module's weights fingerprint, read once per model (the VAE serves two parts)."""
@@ -125,28 +140,21 @@ def build_engines(plan: BuildPlan, progress: Progress = lambda stage: None) -> d
     gpu = ("{}.{}".format(*torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
     engines = {}
     for part, spec in plan.specs().items():
-        key = plan.key(spec, tensorrt, gpu)
-        found = plan.cache.get(key)
-        if found is None:
-            found = _build(plan, spec, key, progress)
-        engines[part] = found
+        build = functools.partial(_write_engine, plan, spec, progress=progress)
+        engines[part], _ = plan.cache.get_or_build(plan.key(spec, tensorrt, gpu), build, progress)
     return engines
 
 
-def _build(plan: BuildPlan, spec: ExportSpec, key: EngineKey, progress: Progress) -> Path:
-    """Export, clean, build and cache one part; the ONNX files (GBs for a UNet) go once it is built."""
+def _write_engine(plan: BuildPlan, spec: ExportSpec, target: Path, progress: Progress) -> None:
+    """Export, clean and build one part into ``target``; the ONNX files (GBs for a UNet) go once it is built."""
     from trt_build.builder import write_engine
 
-    progress(f"exporting {spec.part} to ONNX")
-    onnx = prepare_onnx(spec, plan.onnx_path(spec), plan.components.device).path
-    try:
+    with plan.onnx_folder(spec) as folder:
+        progress(f"exporting {spec.part} to ONNX")
+        onnx = prepare_onnx(spec, Path(folder) / f"{spec.part}.onnx", plan.components.device).path
         progress(f"building the {spec.part} engine (minutes, once)")
-        return plan.cache.put(key, lambda target: write_engine(onnx, spec.shapes, target, fp16=plan.fp16,
-                                                               strongly_typed=plan.strongly_typed,
-                                                               description=spec.part))
-    finally:
-        onnx.unlink(missing_ok=True)
-        onnx.with_name(onnx.name + ".data").unlink(missing_ok=True)
+        write_engine(onnx, spec.shapes, target, fp16=plan.fp16, strongly_typed=plan.strongly_typed,
+                     description=spec.part)
 
 
 def accelerate(plan: BuildPlan, progress: Progress = lambda stage: None, *,
