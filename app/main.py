@@ -143,13 +143,16 @@ def devices(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def check_backend(args: argparse.Namespace) -> None:
-    """Say what the chosen backend lacks before loading anything (TensorRT, CUDA, a compiler)."""
+    """Say what the chosen devices and backend lack before loading anything (GPUs, TensorRT, CUDA, a compiler)."""
     from dataclasses import replace
 
     from engine.backends import backend_missing
 
     spec = model_spec(args)
     if args.devices:
+        from engine.parallel.replicas import check_present
+
+        check_present(devices(args))
         spec = replace(spec, device=devices(args)[0])
     missing = backend_missing(backend_name(args), spec.resolved_device())
     if missing is not None:

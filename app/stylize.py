@@ -124,7 +124,7 @@ def check_args(args: argparse.Namespace) -> OutputFormat:
 
 def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
     """``--devices`` as names, after refusing the combinations the sharded stream cannot run."""
-    from engine.parallel.replicas import parse_devices
+    from engine.parallel.replicas import check_present, parse_devices
 
     refuse_torchrun("python -m app.stylize")
     devices = parse_devices(args.devices) if args.devices else ()
@@ -140,18 +140,8 @@ def check_devices(args: argparse.Namespace) -> tuple[str, ...]:
             raise ValueError("--resync-every applies to --parallel asyncdiff: give --devices with two or more")
         return devices
     _check_sharded(args)
-    _check_present(devices)
+    check_present(devices)
     return devices
-
-
-def _check_present(devices: tuple[str, ...]) -> None:
-    """Refuse GPUs this torch build does not see, before any device process starts."""
-    import torch
-
-    seen = torch.cuda.device_count()
-    missing = [d for d in devices if torch.device(d).type == "cuda" and (torch.device(d).index or 0) >= seen]
-    if missing:
-        raise ValueError(f"--devices names {','.join(missing)}, but this torch build sees {seen} CUDA GPU(s)")
 
 
 def _check_sharded(args: argparse.Namespace) -> None:

@@ -74,6 +74,7 @@ def test_help_documents_every_flag_with_its_default(capsys) -> None:
     (["--model", "tiny", "--auth", "nopassword"], "--auth must be USER:PASS"),
     (["--model", "tiny", "--strength", "3"], "strength=3.0 is out of range"),
     (["--model", "tiny", "--trt"], "--trt needs"),
+    (["--model", "tiny", "--devices", "98,99"], "--devices names cuda:98,cuda:99, but this torch build sees"),
     (["--model", "/no/such/model.safetensors"], "does not exist"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, message, capsys) -> None:

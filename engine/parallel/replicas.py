@@ -12,9 +12,11 @@ they do in one process. This front offers the same interface the app uses from `
 
 Frames cross in shared memory, converted here to RGB uint8 at the model's size; only slot
 indices and ids cross the pipe (:mod:`engine.parallel.replica_frames` says why that is
-race-free). A process that dies is logged with its device, its sessions end with
-:class:`SessionClosedError`, and new sessions go to the living replicas (``max_sessions``
-shrinks); with none left, :meth:`ReplicaEngine.open_session` says the device processes died.
+race-free). A process that dies, hangs, or exits because its device became unusable (a
+sticky CUDA error, :mod:`engine.parallel.replica_process`) is logged with its device and why,
+its sessions end with :class:`SessionClosedError`, and new sessions go to the living replicas
+(``max_sessions`` shrinks); with none left, :meth:`ReplicaEngine.open_session` says the device
+processes died.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ def parse_devices(text: str) -> tuple[str, ...]:
     return names
 
 
+def check_present(devices: tuple[str, ...]) -> None:
+    """Refuse GPUs this torch build does not see (``ValueError``), before any device process starts."""
+    seen = torch.cuda.device_count()
+    missing = [d for d in devices if torch.device(d).type == "cuda" and (torch.device(d).index or 0) >= seen]
+    if missing:
+        raise ValueError(f"--devices names {','.join(missing)}, but this torch build sees {seen} CUDA GPU(s)")
+
+
 def shares(total: int, replicas: int) -> list[int]:
     """``total`` sessions spread over ``replicas`` as evenly as possible (each gets at least one)."""
     if total < replicas:
@@ -81,17 +91,20 @@ class ReplicaEngine:
     ``config.devices`` names the devices (one process each; a name may repeat, e.g. ``cpu``
     twice for tests); ``config.max_sessions`` is the total, split evenly. ``threads``: torch
     threads per process on the CPU. ``silence_s``: a replica silent this long is taken as hung,
-    killed, and handled as one that died.
+    killed, and handled as one that died; so is one whose device became unusable (it exits).
+    ``device_error_at=(replica, call)``: from that UNet call on (0: at once), that replica's model
+    fails as on a GPU whose CUDA context is poisoned (tests).
     """
 
     def __init__(self, config: EngineConfig, *, threads: int = 1, silence_s: float = SILENCE_S,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, device_error_at: tuple[int, int] | None = None) -> None:
         if len(config.devices) < 1:
             raise ValueError("replicas need at least one device in config.devices")
         self._config = config
         self._shares = shares(config.max_sessions, len(config.devices))
         self.threads = threads
         self.silence_s = silence_s
+        self.device_error_at = device_error_at
         self.metrics = EngineMetrics()
         self._progress: Progress = progress or (lambda stage: None)
         self.links: list[ReplicaLink] = []
@@ -186,7 +199,8 @@ class ReplicaEngine:
         links: list[ReplicaLink] = []
         try:
             for index, device in enumerate(self._config.devices):
-                links.append(ReplicaLink(index, self._replica_config(index, device), self.threads, self.silence_s))
+                links.append(ReplicaLink(index, self._replica_config(index, device), self.threads, self.silence_s,
+                                         self._device_error_at(index)))
             for link in links:
                 link.wait_ready(progress if link.index == 0 else (lambda stage: None))
         except BaseException:
@@ -194,6 +208,10 @@ class ReplicaEngine:
                 link.stop(0.0)
             raise
         self.links = links
+
+    def _device_error_at(self, index: int) -> int | None:
+        fault = self.device_error_at
+        return fault[1] if fault is not None and fault[0] == index else None
 
     def _replica_config(self, index: int, device: str) -> EngineConfig:
         return replace(self._config, devices=(device,), model=replace(self._config.model, device=device),
