@@ -4,16 +4,22 @@
 into one ``torch.distributed`` group, runs ``target`` in each and returns rank 0's result. The
 group meets through a file in a private temporary folder (no listening socket for it); gloo's
 own connections stay on the loopback interface. A rank that raises or dies is reported as
-:class:`RankFailed`, naming the rank and why; the others are stopped (SIGTERM, then SIGKILL
-after ``grace_s``) before it is raised, and a run that outlives ``timeout_s`` is stopped the
-same way. The children also die with this process (daemonic, and on Linux a parent-death
-signal), so a killed driver leaves no ranks behind.
+:class:`RankFailed`, naming the rank and why (a raising rank's traceback included); the others
+are stopped (SIGTERM, then SIGKILL after ``grace_s``) before it is raised, and a run that
+outlives ``timeout_s`` is stopped the same way. The children also die with this process
+(daemonic, and on Linux a parent-death signal), so a killed driver leaves no ranks behind.
+
+A rank that raises aborts its process groups rather than destroying them: NCCL's destroy drains
+the work in flight, and a failed rank nearly always has a receive posted that no send will ever
+match, so it would never exit and its error would never reach the driver. It writes its
+traceback into the launch's folder and exits at once; the driver reads it from there.
 
 Under ``torchrun`` (which starts the processes itself and sets ``RANK``, ``WORLD_SIZE`` and
 ``TORCHELASTIC_RUN_ID``), ``launch(..., torchrun=True)`` spawns nothing: this process runs ``target`` as its rank
 in the group torchrun's rendezvous gives (``env://``; ``DIFFCAM_INIT_METHOD`` overrides it, e.g.
 ``file:///path``), rank 0 gets the result and the other ranks None, and torchrun itself stops
-every rank when one fails.
+every rank when one fails. A rank that raises there aborts its groups too, then lets the exception
+propagate to the command, which prints it and exits.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import distributed_c10d
 
 from engine.parallel.torchrun import torchrun_rank
 
@@ -89,11 +97,11 @@ def launch(target: RankTarget, world_size: int, args: tuple = (), *, group: Grou
                                      nprocs=world_size, join=False, daemon=True, start_method="spawn")
         if started:
             started(context.pids())
-        _join(context, timeout_s, grace_s)
+        _join(context, Path(folder), timeout_s, grace_s)
         return pickle.loads(Path(folder, "result.pkl").read_bytes())
 
 
-def _join(context: mp.ProcessContext, timeout_s: float, grace_s: float) -> None:
+def _join(context: mp.ProcessContext, folder: Path, timeout_s: float, grace_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=POLL_S, grace_period=grace_s):
@@ -103,11 +111,23 @@ def _join(context: mp.ProcessContext, timeout_s: float, grace_s: float) -> None:
         raise RankFailed(f"rank {error.error_index} failed; the other ranks were stopped.{error}",
                          error.error_index) from None
     except mp.ProcessExitedException as error:
-        how = f"was killed by {error.signal_name}" if error.signal_name else f"exited with code {error.exit_code}"
-        raise RankFailed(f"rank {error.error_index} (pid {error.error_pid}) {how}; the other ranks were stopped",
-                         error.error_index) from None
+        raise _exited(error, _report(folder, error.error_index)) from None
     finally:
         _stop(context, grace_s)
+
+
+def _exited(error: mp.ProcessExitedException, report: Path) -> RankFailed:
+    """The failure of a rank whose process ended: the traceback it left in ``report``, else how it ended."""
+    rank = error.error_index
+    if report.exists():
+        return RankFailed(f"rank {rank} failed; the other ranks were stopped.\n\n{report.read_text()}", rank)
+    how = f"was killed by {error.signal_name}" if error.signal_name else f"exited with code {error.exit_code}"
+    return RankFailed(f"rank {rank} (pid {error.error_pid}) {how}; the other ranks were stopped", rank)
+
+
+def _report(folder: Path, rank: int) -> Path:
+    """Where rank ``rank`` leaves its traceback when its target raises."""
+    return folder / f"error-{rank}.txt"
 
 
 def _stop(context: mp.ProcessContext, grace_s: float) -> None:
@@ -133,7 +153,10 @@ def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, targe
     store = dist.FileStore(str(Path(folder, "rendezvous")), world_size)
     dist.init_process_group(group.backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=group.timeout_s), device_id=_set_device(group, rank))
-    result = _run_rank(rank, target, args)
+    try:
+        result = _run_rank(rank, target, args)
+    except Exception:
+        _exit_failed(_report(Path(folder), rank))
     if rank == 0:
         partial = Path(folder, "result.pkl.partial")
         partial.write_bytes(pickle.dumps(result))
@@ -150,13 +173,42 @@ def _set_device(group: GroupSpec, rank: int) -> torch.device | None:
 
 
 def _run_rank(rank: int, target: RankTarget, args: tuple) -> Any:
-    """``target`` as this rank of the group just formed; rank 0's result (None on the others)."""
+    """``target`` as this rank of the group just formed; rank 0's result (None on the others).
+
+    Only a rank that finished waits for the others and destroys its groups; one that raised aborts them
+    (see the module's docstring) and re-raises.
+    """
     try:
         result = target(rank, dist.get_world_size(), *args)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        _abort_groups()
+        raise
+    dist.destroy_process_group()
     return result if rank == 0 else None
+
+
+def _abort_groups() -> None:
+    """Drop every process group of this rank without waiting for the work in flight (NCCL and gloo alike)."""
+    abort = getattr(distributed_c10d, "_abort_process_group", None)  # torch 2.5 on; without it, exiting will do
+    if abort is None:
+        return
+    try:
+        abort()
+    except Exception:  # noqa: BLE001 - the rank is failing already; its own error is the one to report
+        pass
+
+
+def _exit_failed(report: Path) -> NoReturn:
+    """Leave the exception being handled in ``report`` and end the process at once.
+
+    At once: the interpreter's shutdown would wait for any thread the target left running, and the driver
+    hears of a rank only when its process ends.
+    """
+    report.write_text(traceback.format_exc())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _die_with_parent() -> None:
