@@ -46,6 +46,26 @@ class DeviceModel:
 
 Request = tuple[Callable[[], Any], Future]
 
+#: what torch raises for a failed CUDA call (torch 2.8 on; before, a RuntimeError saying "CUDA error: ...")
+ACCELERATOR_ERROR: type | tuple = getattr(torch, "AcceleratorError", ())
+
+
+def device_unusable(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error that caused it, leaves this process's device unusable.
+
+    A sticky CUDA error (an illegal memory access, a kernel fault, an Xid) poisons the process's CUDA context:
+    every later call on the device fails too. Running out of memory does not: a later, smaller call may fit.
+    A worker fails the frames either way; a process that serves one device for a front (a replica) asks this
+    to know when to exit instead.
+    """
+    while error is not None:
+        text = str(error)
+        cuda = isinstance(error, ACCELERATOR_ERROR) or isinstance(error, RuntimeError) and text.startswith("CUDA error")
+        if cuda and "out of memory" not in text:
+            return True
+        error = error.__cause__
+    return False
+
 
 class Worker:
     """Owns a device: its model, the thread that runs it, and the requests that thread carries out."""

@@ -290,14 +290,70 @@ async def test_a_killed_replica_ends_its_sessions_and_the_rest_serve_on(caplog) 
     assert not our_blocks(pids)
 
 
+ILLEGAL_ACCESS = r"lost its device \(AcceleratorError: CUDA error: an illegal memory access was encountered\)"
+
+
+async def test_a_replica_whose_device_fails_for_good_exits_and_the_rest_serve_on(caplog) -> None:
+    """Replica 0's third UNet call raises a sticky CUDA error (a poisoned context: every later call fails too).
+    It exits rather than serve on, failing every frame while looking the least loaded: its session ends saying
+    why, and new sessions go to replica 1."""
+    caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
+    engine = ReplicaEngine(replica_config(), device_error_at=(0, 3))
+    await asyncio.wait_for(engine.start(), 120)
+    pids = [link.process.pid for link in engine.links]
+    try:
+        doomed, survivor = await engine.open_session(), await engine.open_session()
+        assert engine.snapshot()["replicas"][0]["sessions"] == [doomed.id]
+        await lockstep(doomed, frames(2, seed=5))  # UNet calls 1 and 2
+        await lockstep(survivor, frames(2, seed=6))
+        doomed.submit(frames(1, seed=7)[0], pts=2)  # call 3 fails
+        with pytest.raises(SessionClosedError, match=f"device process for cpu {ILLEGAL_ACCESS}"):
+            await asyncio.wait_for(doomed.next_output(), WAIT_S)
+        assert any("replica 0 on cpu" in r.getMessage() and "illegal memory access" in r.getMessage()
+                   for r in caplog.records)
+        engine.links[0].process.join(WAIT_S)
+        assert engine.links[0].process.exitcode == 1
+        assert engine.config.max_sessions == 2 and engine.snapshot()["replicas"][0]["alive"] is False
+        newcomer = await engine.open_session()
+        assert engine.snapshot()["replicas"][1]["sessions"] == sorted([survivor.id, newcomer.id])
+        await lockstep(newcomer, frames(2, seed=8))
+        await lockstep(survivor, frames(2, seed=9))
+        assert not our_blocks([pids[0]]), "the lost replica's session left shared memory behind"
+    finally:
+        await asyncio.wait_for(engine.aclose(), 30)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+    assert not our_blocks(pids)
+
+
+async def test_a_replica_whose_device_fails_while_opening_a_session_exits() -> None:
+    """Poisoned before any frame: the text encoder fails while a session opens on replica 0 (the least loaded).
+    That open is refused saying why, the replica exits, and the next open goes to replica 1."""
+    engine = ReplicaEngine(replica_config(), device_error_at=(0, 0))
+    await asyncio.wait_for(engine.start(), 120)
+    pids = [link.process.pid for link in engine.links]
+    try:
+        with pytest.raises(EngineBusyError, match=ILLEGAL_ACCESS):
+            await asyncio.wait_for(engine.open_session(prompt="a prompt no cache has seen"), WAIT_S)
+        assert engine.snapshot()["replicas"][0]["alive"] is False
+        session = await engine.open_session(prompt="a prompt no cache has seen")
+        assert engine.snapshot()["replicas"][1]["sessions"] == [session.id]
+        await lockstep(session, frames(2, seed=10))
+    finally:
+        await asyncio.wait_for(engine.aclose(), 30)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+    assert not our_blocks(pids)
+
+
 async def test_loaded_but_never_started_replicas_stop_when_asked(caplog) -> None:
     """``load()`` then ``aclose()`` (a start that failed after loading, say): the replicas are told to stop and
     do, rather than being terminated after the shutdown timeout."""
     caplog.set_level(logging.WARNING, logger="engine.parallel.replica_link")
-    engine = ReplicaEngine(replica_config())
+    # a long shutdown timeout: a process told to stop exits well inside it even on a loaded machine (CI once took
+    # over 5 s), one never told waits it out and is terminated
+    engine = ReplicaEngine(replica_config(shutdown_timeout=40.0))
     await asyncio.to_thread(engine.load)
     pids = [link.process.pid for link in engine.links]
-    await asyncio.wait_for(engine.aclose(), 30)
+    await asyncio.wait_for(engine.aclose(), 60)
     assert "did not stop" not in caplog.text
     assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 

@@ -7,7 +7,8 @@ first, in order, then the newest frame of each session that has a free input slo
 converted to the model's size there (so frames dropped for newer ones cost nothing).
 A pipe that ends without :meth:`ReplicaLink.stop` means the process died, and one silent for
 ``silence_s`` (a serving replica reports twice a second) means it hung: the reader kills it
-and says so.
+and says so. A replica that lost its device says why before it exits; the death is reported
+with that reason.
 """
 
 from __future__ import annotations
@@ -42,16 +43,21 @@ class ReplicaFailed(RuntimeError):
 
 
 class ReplicaLink:
-    """Process ``index`` serving ``config.devices[0]`` with up to ``config.max_sessions`` sessions."""
+    """Process ``index`` serving ``config.devices[0]`` with up to ``config.max_sessions`` sessions.
 
-    def __init__(self, index: int, config: EngineConfig, threads: int, silence_s: float = SILENCE_S) -> None:
+    ``device_error_at``: from that UNet call on (0: at once), the process's model fails as on a GPU whose CUDA
+    context is poisoned (tests).
+    """
+
+    def __init__(self, index: int, config: EngineConfig, threads: int, silence_s: float = SILENCE_S,
+                 device_error_at: int | None = None) -> None:
         context = mp.get_context("spawn")
         self.index, self.config = index, config
         self.silence_s = silence_s
         self.device = config.devices[0]
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=replica_main, args=(config, child, threads), daemon=True,
-                                       name=f"diffcam-replica-{index}")
+        self.process = context.Process(target=replica_main, args=(config, child, threads, device_error_at),
+                                       daemon=True, name=f"diffcam-replica-{index}")
         self.process.start()
         child.close()  # only the child holds its end: the pipe ends when the child does
         self.sessions: dict[str, ReplicaSession] = {}
@@ -59,6 +65,7 @@ class ReplicaLink:
         self.alive = True
         self.info: dict = {}
         self.stats: dict = {}
+        self.lost: str | None = None  # why the process gave up its device, when it says so before exiting
         self._outbox: deque[tuple] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -164,6 +171,8 @@ class ReplicaLink:
         if self._stopping:
             return
         self.process.join(POLL_S)  # it is gone or going: its exit code says how
+        if how is None and self.lost is not None:
+            how = f"lost its device ({self.lost}) and exited"
         try:
             loop.call_soon_threadsafe(on_death, self, how or exit_reason(self.process))
         except RuntimeError:
@@ -185,6 +194,8 @@ class ReplicaLink:
         elif kind == "stats":
             self.stats = message[1]
             loop.call_soon_threadsafe(on_message, self, message)
+        elif kind == "lost":
+            self.lost = message[1]
         else:
             loop.call_soon_threadsafe(on_message, self, message)
 

@@ -10,14 +10,20 @@ front → replica: ``("open", sid, params, in_name, out_name)``, ``("frame", sid
 replica → front: ``("progress", stage)``, ``("ready", info)`` or ``("failed", why)`` once,
 then ``("opened", sid, error)``, ``("in_free", sid, slot)``, ``("output", sid, slot, tag,
 skipped)``, ``("error", sid, front_frame_id, message)``, ``("closed", sid, why)`` and
-``("stats", engine_snapshot)`` every :data:`STATS_PERIOD` seconds.
+``("stats", engine_snapshot)`` every :data:`STATS_PERIOD` seconds, and ``("lost", why)`` just
+before it exits on an error that left its device unusable (:func:`engine.worker.device_unusable`):
+a poisoned CUDA context fails every frame and every open, so serving on would only draw new
+sessions here (the front sends them to the least loaded replica). Exiting, the replica is handled
+as one that died: its sessions end, and new ones go to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,10 +32,12 @@ from typing import Any
 
 import torch
 
+from engine.components import Components
 from engine.parallel.launch import _die_with_parent
 from engine.parallel.replica_frames import SLOTS, FrameSlots
 from engine.runtime import Engine, EngineConfig
 from engine.session import FrameError, Session, SessionClosedError
+from engine.worker import device_unusable
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,12 @@ STATS_PERIOD = 0.5
 TAGS_KEPT = 64  # replica frame id → front frame id, for naming failed frames
 
 
-def replica_main(config: EngineConfig, conn: Connection, threads: int) -> None:
-    """The replica process: load the model on ``config.devices[0]``, say so, serve until told to stop."""
+def replica_main(config: EngineConfig, conn: Connection, threads: int, device_error_at: int | None = None) -> None:
+    """The replica process: load the model on ``config.devices[0]``, say so, serve until told to stop.
+
+    ``device_error_at``: from that UNet call on (0: at once), the model fails as on a GPU whose CUDA context is
+    poisoned (tests).
+    """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the front stops us
     torch.set_num_threads(threads)
@@ -54,7 +66,28 @@ def replica_main(config: EngineConfig, conn: Connection, threads: int) -> None:
     components = engine.components
     conn.send(("ready", {"name": components.name, "device": str(components.device),
                          "dtype": str(components.dtype).replace("torch.", ""), "backend": engine.backend}))
+    if device_error_at is not None:
+        _PoisonedDevice(components, device_error_at)
     asyncio.run(ReplicaServer(engine, conn).serve())
+
+
+class _PoisonedDevice:
+    """Fault injection for tests: from the UNet's ``first``-th call on (0: at once), the UNet and the text encoder
+    raise a sticky CUDA error, as every call does on a GPU whose CUDA context an illegal memory access poisoned."""
+
+    def __init__(self, components: Components, first: int) -> None:
+        self.first, self.unet_calls = first, 0
+        self.error = getattr(torch, "AcceleratorError", RuntimeError)
+        components.unet.register_forward_pre_hook(self._unet_call)
+        components.text_encoder.register_forward_pre_hook(self._call)
+
+    def _unet_call(self, module: torch.nn.Module, args: tuple) -> None:
+        self.unet_calls += 1
+        self._call(module, args)
+
+    def _call(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.unet_calls >= self.first:
+            raise self.error("CUDA error: an illegal memory access was encountered")
 
 
 @dataclass
@@ -144,6 +177,7 @@ class ReplicaServer:
         try:
             session = await self.engine.open_session(**params)
         except Exception as error:  # noqa: BLE001 - the front raises it to its caller
+            self._exit_if_device_lost(error)
             self._cancelled.discard(sid)
             self._send(("opened", sid, (type(error).__name__, str(error))))
             return
@@ -212,6 +246,7 @@ class ReplicaServer:
             try:
                 output = await hosted.session.next_output()
             except FrameError as error:
+                self._exit_if_device_lost(error.__cause__)
                 front_id = hosted.tags.get(error.frame_id, -1)
                 self._send(("error", sid, front_id, str(error)))
                 continue
@@ -225,6 +260,24 @@ class ReplicaServer:
             slot = hosted.free_out.pop(0)
             hosted.outputs.write(slot, output.frame)  # type: ignore[arg-type] # arrays in, arrays out
             self._send(("output", sid, slot, output.pts, output.skipped))
+
+    def _exit_if_device_lost(self, error: BaseException | None) -> None:
+        """Tell the front why and end this process at once when ``error`` left the device unusable.
+
+        At once (``os._exit``): the worker thread may be stuck on the device, and nothing here is worth
+        keeping; the front unlinks the sessions' shared memory, as it does for a replica that crashed.
+        """
+        if not device_unusable(error):
+            return
+        why = f"{type(error).__name__}: {error}"
+        log.critical("%s: the device is unusable, so this replica exits (its sessions end; new ones go to "
+                     "the other replicas)", why)
+        self._send(("lost", why))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     async def _report_stats(self) -> None:
         while True:
