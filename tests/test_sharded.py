@@ -30,7 +30,7 @@ from engine.backends import torch_unet
 from engine.config import StreamConfig
 from engine.parallel.fidelity import psnr
 from engine.parallel.launch import RankFailed
-from engine.parallel.links import LinkGroups, activation_routes, link_pairs
+from engine.parallel.links import LinkGroups, activation_routes, command_pairs, link_pairs
 from engine.parallel.sharded import ShardedStream
 from engine.parallel.split import make_components, unet_blocks
 from engine.stream import StreamDiffusion
@@ -258,7 +258,8 @@ def test_each_direction_of_a_link_has_its_own_group(tiny) -> None:
     must also create the same groups in the same order (``new_group`` is collective)."""
     routes = activation_routes(make_components(unet_blocks(tiny.unet), (0, 2, 5, 7)))
     pairs = link_pairs(3, routes)
-    assert pairs == [(0, 1), (0, 2), (1, 2), (2, 0)]  # commands and activations, the prediction back
+    assert pairs == [(0, 1), (0, 2), (1, 2), (2, 0)]  # activations (and finished latents), the prediction back
+    assert command_pairs(3) == [(0, 1), (0, 2)]
     created: list[list[int]] = []
 
     def new_group(ranks: list[int], timeout: timedelta) -> object:

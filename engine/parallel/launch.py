@@ -148,8 +148,8 @@ def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, targe
                 args: tuple) -> None:
     _die_with_parent()
     torch.set_num_threads(group.threads)
-    if group.backend == "gloo" and sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback only
+    if sys.platform.startswith("linux"):  # gloo's pairs on loopback only (the default group's, or any gloo group's)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = dist.FileStore(str(Path(folder, "rendezvous")), world_size)
     dist.init_process_group(group.backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=group.timeout_s), device_id=_set_device(group, rank))

@@ -3,9 +3,11 @@
 Every call each component's outputs go straight to the ranks that read them (``isend`` /
 ``irecv``, not broadcast: a rank gets only what it reads, and component 0's skips for component 2
 do not pass through rank 1). A :class:`Route` names one such message; :func:`activation_routes`
-derives them from the components' ``needs`` and ``gives``. Besides these, rank 0 sends every rank
-each call's command, rank k−1 sends rank 0 the noise prediction, and rank 0 sends rank k−1 the
-finished latents to decode.
+derives them from the components' ``needs`` and ``gives``. Besides these, rank k−1 sends rank 0
+the noise prediction, and rank 0 sends rank k−1 the finished latents to decode. Each call's command
+goes from rank 0 to every rank over gloo, on the CPU, whatever the device: a rank waits for the next
+command as long as the stream is idle (days, in a server), and a CPU wait sleeps where an NCCL
+receive would keep a kernel spinning on the GPU and its host wait a CPU core.
 
 Each direction of each link has its own process group (:class:`LinkGroups`), because NCCL would
 otherwise deadlock the first call: it has no tags, matches a pair's messages by the order they
@@ -56,10 +58,15 @@ def activation_routes(components: Sequence[Component]) -> tuple[Route, ...]:
 
 
 def link_pairs(world: int, routes: Iterable[Route]) -> list[tuple[int, int]]:
-    """Every ``(src, dst)`` that carries messages: commands from rank 0 to each rank, the activations'
-    routes, the prediction from rank k−1 to rank 0 (the finished latents go with rank 0's commands)."""
-    pairs = {(0, rank) for rank in range(1, world)} | {(r.src, r.dst) for r in routes}
-    return sorted(pairs | ({(world - 1, 0)} if world > 1 else set()))
+    """Every ``(src, dst)`` that carries the device's data: the activations' routes, the finished latents from
+    rank 0 to rank k−1 and the prediction back (the commands have links of their own: :func:`command_pairs`)."""
+    ends = {(0, world - 1), (world - 1, 0)} if world > 1 else set()
+    return sorted({(r.src, r.dst) for r in routes} | ends)
+
+
+def command_pairs(world: int) -> list[tuple[int, int]]:
+    """Rank 0's links to every other rank, for each call's command."""
+    return [(0, rank) for rank in range(1, world)]
 
 
 class LinkGroups:

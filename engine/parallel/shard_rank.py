@@ -18,7 +18,8 @@ One call (:mod:`engine.parallel.sharded` explains the schedule):
   decode them, and hand the frame to the driver through shared memory.
 
 Rank 0 sends every rank each call's command (point to point, so rank 0 can start a call while rank
-k−1 still decodes the one before). A synchronous call first broadcasts rank 0's time and text
+k−1 still decodes the one before; over gloo on the CPU, so an idle rank sleeps: see
+:mod:`engine.parallel.links`). A synchronous call first broadcasts rank 0's time and text
 embeddings to every rank (they change only with the prompt or the schedule, and every change is
 followed by synchronous calls).
 
@@ -36,6 +37,7 @@ import signal
 import time
 from collections import deque
 from datetime import timedelta
+from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -49,7 +51,8 @@ from engine.models import ModelSpec, load_components
 from engine.parallel.rank_graph import RankGraph
 from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs, synchronizer
 from engine.parallel.exchange import Packing
-from engine.parallel.links import HIDDEN, Inbox, LinkGroups, Outbox, activation_routes, link_pairs
+from engine.parallel.links import (HIDDEN, Inbox, LinkGroups, Outbox, activation_routes, command_pairs,
+                                   link_pairs)
 from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
 from engine.slots import MATH_DTYPE
@@ -184,8 +187,11 @@ class ShardRank:
     def _links(self, shapes: list[dict[int, torch.Size]]) -> None:
         routes = activation_routes(self.split.components)
         # collective: every rank creates the same groups, here, in the same order
-        groups = LinkGroups(link_pairs(self.world, routes), timedelta(seconds=self.job.timeout_s))
+        timeout, cpu = timedelta(seconds=self.job.timeout_s), torch.device("cpu")
+        groups = LinkGroups(link_pairs(self.world, routes), timeout)
         groups.connect(self.rank, self.device)
+        commands = LinkGroups(command_pairs(self.world), timeout, partial(dist.new_group, backend="gloo"))
+        commands.connect(self.rank, cpu)
         latent = torch.Size(self.sample_shape)
         finished = torch.Size((self.job.config.frame_buffer_size, *latent[1:]))
         device, dtype, rank, last = self.device, self.dtype, self.rank, self.world - 1
@@ -196,9 +202,9 @@ class ShardRank:
                               "activations") for r in routes if r.dst == rank]
         self.in_items = [r.items for r in routes if r.dst == rank]
         command = Packing([torch.Size([3])])
-        self.commands_out = [Outbox(command, r, groups(0, r), device, torch.long, "command")
+        self.commands_out = [Outbox(command, r, commands(0, r), cpu, torch.long, "command")
                              for r in range(1, self.world)] if rank == 0 else []
-        self.command_in = Inbox(command, 0, groups(0, rank), device, torch.long, "command") if rank else None
+        self.command_in = Inbox(command, 0, commands(0, rank), cpu, torch.long, "command") if rank else None
         if rank == 0:
             self.predictions = Inbox(Packing([latent]), last, groups(last, 0), device, dtype, "prediction")
             self.finished_out = Outbox(Packing([finished]), last, groups(0, last), device, MATH_DTYPE,
@@ -252,10 +258,10 @@ class ShardRank:
         rank k−1 still decodes the last one.
         """
         if self.command_in is not None:
-            return tuple(int(v) for v in self.command_in.receive()[0].cpu())  # type: ignore[return-value]
+            return tuple(int(v) for v in self.command_in.receive()[0])  # type: ignore[return-value]
         command = self._next_call()
         for box in self.commands_out:
-            box.send([command.to(self.device)])
+            box.send([command])
         return tuple(int(v) for v in command)  # type: ignore[return-value]
 
     def _next_call(self) -> torch.Tensor:
