@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -143,7 +144,7 @@ def compare(args: argparse.Namespace, config: StreamConfig, devices: tuple[str, 
     from engine.runtime import Engine, EngineConfig
 
     biggest = max(counts)
-    spec = ModelSpec(model=args.model, device=str(torch.device(devices[0]).type))
+    spec = ModelSpec(model=args.model, device=devices[0])  # the one process on the first replica's device
     one = Engine(EngineConfig(model=spec, stream=config, max_sessions=biggest, max_batch=biggest, idle_timeout=60))
     many = ReplicaEngine(EngineConfig(model=spec, stream=config, max_sessions=biggest * len(devices),
                                       max_batch=biggest, idle_timeout=60, devices=devices), threads=args.threads)
@@ -152,6 +153,10 @@ def compare(args: argparse.Namespace, config: StreamConfig, devices: tuple[str, 
     one_counts = sorted(set(counts) | {share for streams in counts for share in replica_shares(streams, k)})
     one.load()
     single = {row["streams"]: row for row in asyncio.run(measure(args, one, one_counts))}
+    del one  # its model, graphs and compiled code: replica 0 loads on the same device next
+    if torch.device(devices[0]).type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
     many.load()
     replicated = asyncio.run(measure(args, many, counts))
     rows = []

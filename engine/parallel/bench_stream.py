@@ -17,7 +17,9 @@ The UNet stage, apart from the VAE and the scheduler math: each rank times, per 
 it runs its UNet component and the seconds it waits for that component's inputs (the activations
 from earlier ranks; on rank 0 the noise prediction from rank k−1), and one device times its UNet
 calls the same way (the same rows, the same dtype; on CUDA, device times). All are means over the
-timed calls. ``UNet per rank s``: each rank's component per call (one device: its whole UNet).
+timed calls. On CUDA one device runs as the ranks do, from CUDA graphs: its whole call replayed, and
+its UNet timed replayed alone (eager, a UNet's time there is mostly kernel launches, so the ranks'
+graphs would look like a sharding speedup). ``UNet per rank s``: each rank's component per call (one device: its whole UNet).
 ``UNet stage s``, the stage's period: one device, its UNet call; sharded-sync, the sum of the
 components (they run one after the other); sharded-async, the slowest component (they run at
 once): the stage's throughput were the VAE and the scheduler math elsewhere. ``with waits s``: the
@@ -128,16 +130,49 @@ def one_device(args: argparse.Namespace, devices: tuple[str, ...], t_index_list:
     torch.set_num_threads(args.threads)
     spec = ModelSpec(model=args.model, lcm_lora="none", device=devices[0], dtype=rank_dtype(devices))
     components = load_components(spec)
-    unet = UNetTimer(torch_unet(components.unet))
-    stream = StreamDiffusion(components, stream_config(args, t_index_list), unet)
+    config = stream_config(args, t_index_list)
     steps = len(t_index_list)
     untimed = steps + 1
-    first: list[int] = []
-    outputs, seconds, _ = timed(stream, frames, untimed, lambda: first.append(len(unet.seconds)))
-    stage = statistics.fmean(unet.seconds[first[0]:])
+    if components.device.type == "cuda":  # as the ranks run: replayed from CUDA graphs, not launch-bound eager
+        stream, unet_seconds = _captured(components, config)
+        outputs, seconds, _ = timed(stream, frames, untimed)
+        stage = unet_seconds()
+    else:
+        unet = UNetTimer(torch_unet(components.unet))
+        stream = StreamDiffusion(components, config, unet)
+        first: list[int] = []
+        outputs, seconds, _ = timed(stream, frames, untimed, lambda: first.append(len(unet.seconds)))
+        stage = statistics.fmean(unet.seconds[first[0]:])
+    del stream, components
+    if torch.device(devices[0]).type == "cuda":
+        torch.cuda.empty_cache()  # rank 0 shares this GPU: leave it the memory
     found = row("one device", steps, 1, seconds, 0, outputs[untimed:], outputs[untimed:])
     columns = {"component_s": (stage,), "wait_s": (0.0,), "unet_s": stage, "unet_waits_s": stage}
     return Row(**{**asdict(found), **columns}), outputs
+
+
+def _captured(components, config: StreamConfig) -> tuple[object, Callable[[], float]]:
+    """One device as the sharded ranks run on CUDA: the stream's whole call replayed from a CUDA graph, and a
+    timing of its UNet call alone, replayed from a graph too (eager, a UNet's time is mostly launches)."""
+    import torch
+
+    from engine.backends import BackendOptions, prepare_backend
+    from engine.graphs import prepared_runner
+    from engine.parallel.bench_components import timed_as_ranks_run
+    from engine.slots import StreamSlots
+    from engine.step import step_models
+    from engine.stream import StreamDiffusion
+
+    prepared, unet = prepare_backend("torch", components, config, BackendOptions(release=False, call_graphs=True))
+    runner = prepared_runner(step_models(prepared, unet), StreamSlots.for_config(prepared, config), 1, graphs=True,
+                             compiled=False)
+    rows, device, dtype = config.unet_batch_size, prepared.device, prepared.dtype
+    sample = torch.zeros(rows, prepared.latent_channels, *config.latent_size, device=device, dtype=dtype)
+    text = torch.zeros(rows, prepared.tokenizer.model_max_length, prepared.unet.config.cross_attention_dim,
+                       device=device, dtype=dtype)
+    timesteps = torch.full((rows,), 500, device=device, dtype=torch.long)
+    return (StreamDiffusion(prepared, config, runner=runner),
+            lambda: timed_as_ranks_run(unet, (sample, timesteps, text), device, 20, "UNet"))
 
 
 class UNetTimer:
