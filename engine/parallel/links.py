@@ -64,9 +64,16 @@ def link_pairs(world: int, routes: Iterable[Route]) -> list[tuple[int, int]]:
     return sorted({(r.src, r.dst) for r in routes} | ends)
 
 
-def command_pairs(world: int) -> list[tuple[int, int]]:
-    """Rank 0's links to every other rank, for each call's command."""
-    return [(0, rank) for rank in range(1, world)]
+def command_group(timeout: timedelta, new_group: Callable[..., dist.ProcessGroup] = dist.new_group
+                  ) -> dist.ProcessGroup:
+    """The gloo group that carries rank 0's commands to every rank: one group of all ranks, collective.
+
+    All ranks, not a group per pair: where the default group is NCCL bound to a device (on CUDA),
+    torch makes each rank outside a new group join a split of the default NCCL communicator, which
+    the new gloo group's own members never join, so a pair group would hang every rank beyond two.
+    gloo keeps each pair's messages in order within one group.
+    """
+    return new_group(None, timeout=timeout, backend="gloo")
 
 
 class LinkGroups:

@@ -37,7 +37,6 @@ import signal
 import time
 from collections import deque
 from datetime import timedelta
-from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -51,7 +50,7 @@ from engine.models import ModelSpec, load_components
 from engine.parallel.rank_graph import RankGraph
 from engine.parallel.costs import _meta_copy, estimate_costs, measure_costs, synchronizer
 from engine.parallel.exchange import Packing
-from engine.parallel.links import (HIDDEN, Inbox, LinkGroups, Outbox, activation_routes, command_pairs,
+from engine.parallel.links import (HIDDEN, Inbox, LinkGroups, Outbox, activation_routes, command_group,
                                    link_pairs)
 from engine.parallel.split import UNetSplit, balanced_bounds
 from engine.quiet import quiet_libraries
@@ -190,8 +189,7 @@ class ShardRank:
         timeout, cpu = timedelta(seconds=self.job.timeout_s), torch.device("cpu")
         groups = LinkGroups(link_pairs(self.world, routes), timeout)
         groups.connect(self.rank, self.device)
-        commands = LinkGroups(command_pairs(self.world), timeout, partial(dist.new_group, backend="gloo"))
-        commands.connect(self.rank, cpu)
+        commands = command_group(timeout)
         latent = torch.Size(self.sample_shape)
         finished = torch.Size((self.job.config.frame_buffer_size, *latent[1:]))
         device, dtype, rank, last = self.device, self.dtype, self.rank, self.world - 1
@@ -202,9 +200,9 @@ class ShardRank:
                               "activations") for r in routes if r.dst == rank]
         self.in_items = [r.items for r in routes if r.dst == rank]
         command = Packing([torch.Size([3])])
-        self.commands_out = [Outbox(command, r, commands(0, r), cpu, torch.long, "command")
+        self.commands_out = [Outbox(command, r, commands, cpu, torch.long, "command")
                              for r in range(1, self.world)] if rank == 0 else []
-        self.command_in = Inbox(command, 0, commands(0, rank), cpu, torch.long, "command") if rank else None
+        self.command_in = Inbox(command, 0, commands, cpu, torch.long, "command") if rank else None
         if rank == 0:
             self.predictions = Inbox(Packing([latent]), last, groups(last, 0), device, dtype, "prediction")
             self.finished_out = Outbox(Packing([finished]), last, groups(0, last), device, MATH_DTYPE,
