@@ -154,9 +154,9 @@ def _rank_entry(rank: int, world_size: int, folder: str, group: GroupSpec, targe
     dist.init_process_group(group.backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=group.timeout_s), device_id=_set_device(group, rank))
     try:
-        result = _run_rank(rank, target, args)
+        result = _run_rank(rank, target, args, _report(Path(folder), rank))
     except Exception:
-        _exit_failed(_report(Path(folder), rank))
+        _exit_at_once()
     if rank == 0:
         partial = Path(folder, "result.pkl.partial")
         partial.write_bytes(pickle.dumps(result))
@@ -172,16 +172,18 @@ def _set_device(group: GroupSpec, rank: int) -> torch.device | None:
     return device
 
 
-def _run_rank(rank: int, target: RankTarget, args: tuple) -> Any:
+def _run_rank(rank: int, target: RankTarget, args: tuple, report: Path | None = None) -> Any:
     """``target`` as this rank of the group just formed; rank 0's result (None on the others).
 
-    Only a rank that finished waits for the others and destroys its groups; one that raised aborts them
-    (see the module's docstring) and re-raises.
+    Only a rank that finished waits for the others and destroys its groups; one that raised writes its
+    traceback to ``report`` (if given), aborts its groups (see the module's docstring) and re-raises.
     """
     try:
         result = target(rank, dist.get_world_size(), *args)
         dist.barrier()
     except BaseException:
+        if report is not None:  # first: an abort may itself wait, up to the group's timeout
+            report.write_text(traceback.format_exc())
         _abort_groups()
         raise
     dist.destroy_process_group()
@@ -199,13 +201,12 @@ def _abort_groups() -> None:
         pass
 
 
-def _exit_failed(report: Path) -> NoReturn:
-    """Leave the exception being handled in ``report`` and end the process at once.
+def _exit_at_once() -> NoReturn:
+    """End a failed rank's process now (its traceback is in its report already).
 
     At once: the interpreter's shutdown would wait for any thread the target left running, and the driver
     hears of a rank only when its process ends.
     """
-    report.write_text(traceback.format_exc())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
