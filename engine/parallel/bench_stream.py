@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -134,9 +135,8 @@ def one_device(args: argparse.Namespace, devices: tuple[str, ...], t_index_list:
     steps = len(t_index_list)
     untimed = steps + 1
     if components.device.type == "cuda":  # as the ranks run: replayed from CUDA graphs, not launch-bound eager
-        stream, unet_seconds = _captured(components, config)
+        stream, stage = _captured(components, config)
         outputs, seconds, _ = timed(stream, frames, untimed)
-        stage = unet_seconds()
     else:
         unet = UNetTimer(torch_unet(components.unet))
         stream = StreamDiffusion(components, config, unet)
@@ -144,16 +144,17 @@ def one_device(args: argparse.Namespace, devices: tuple[str, ...], t_index_list:
         outputs, seconds, _ = timed(stream, frames, untimed, lambda: first.append(len(unet.seconds)))
         stage = statistics.fmean(unet.seconds[first[0]:])
     del stream, components
-    if torch.device(devices[0]).type == "cuda":
-        torch.cuda.empty_cache()  # rank 0 shares this GPU: leave it the memory
+    if torch.device(devices[0]).type == "cuda":  # rank 0 shares this GPU: leave it the memory
+        gc.collect()
+        torch.cuda.empty_cache()
     found = row("one device", steps, 1, seconds, 0, outputs[untimed:], outputs[untimed:])
     columns = {"component_s": (stage,), "wait_s": (0.0,), "unet_s": stage, "unet_waits_s": stage}
     return Row(**{**asdict(found), **columns}), outputs
 
 
-def _captured(components, config: StreamConfig) -> tuple[object, Callable[[], float]]:
-    """One device as the sharded ranks run on CUDA: the stream's whole call replayed from a CUDA graph, and a
-    timing of its UNet call alone, replayed from a graph too (eager, a UNet's time is mostly launches)."""
+def _captured(components, config: StreamConfig) -> tuple[object, float]:
+    """One device as the sharded ranks run on CUDA: the stream, its whole call replayed from a CUDA graph, and the
+    seconds of its UNet call alone, replayed from a graph too (eager, a UNet's time is mostly launches)."""
     import torch
 
     from engine.backends import BackendOptions, prepare_backend
@@ -171,8 +172,8 @@ def _captured(components, config: StreamConfig) -> tuple[object, Callable[[], fl
     text = torch.zeros(rows, prepared.tokenizer.model_max_length, prepared.unet.config.cross_attention_dim,
                        device=device, dtype=dtype)
     timesteps = torch.full((rows,), 500, device=device, dtype=torch.long)
-    return (StreamDiffusion(prepared, config, runner=runner),
-            lambda: timed_as_ranks_run(unet, (sample, timesteps, text), device, 20, "UNet"))
+    seconds = timed_as_ranks_run(unet, (sample, timesteps, text), device, 20, "UNet")
+    return StreamDiffusion(prepared, config, runner=runner), seconds
 
 
 class UNetTimer:
