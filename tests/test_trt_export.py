@@ -358,6 +358,26 @@ def test_builds_at_once_never_share_an_onnx_file(tiny, tmp_path, cpu_builder) ->
     assert list((tmp_path / "onnx").iterdir()) == [], "each build removes its ONNX files"
 
 
+def test_what_a_killed_build_left_goes_with_the_next_build(tiny, tmp_path, cpu_builder) -> None:
+    """A build killed outright (the OOM killer, SIGKILL) leaves its ONNX files (GBs for a UNet) in its engine's
+    folder; the next build of that engine empties it before exporting, and removes it after."""
+    cache = EngineCache(tmp_path)
+    seen: list[list[str]] = []
+    cpu_builder.while_parsing = lambda onnx_path: seen.append(sorted(p.name for p in onnx_path.parent.iterdir()))
+    plan = BuildPlan(tiny, STATIC, model="tiny", cache=cache)
+    leftovers = []
+    for spec in plan.specs().values():  # what a killed build of each engine left
+        key = plan.key(spec, "none", ("9.0", "NVIDIA H100 80GB HBM3"))  # no TensorRT here: its version "none"
+        folder = tmp_path / "onnx" / Path(key.filename).stem
+        folder.mkdir(parents=True)
+        (folder / "unet.onnx.data").write_bytes(b"weights of a build that was killed")
+        leftovers.append(folder)
+    build_engines(plan)
+    assert [p.parent for p in cpu_builder.parsed] == leftovers, "each engine's build used its own folder"
+    assert all("unet.onnx.data" not in names for names in seen), "the leftovers were still there"
+    assert list((tmp_path / "onnx").iterdir()) == []
+
+
 def test_a_second_start_waits_for_the_engines_the_first_builds(tiny, tmp_path, cpu_builder) -> None:
     """Replicas starting together: each part is exported and built once, and both get the same engines."""
     cache, progress, results = EngineCache(tmp_path), Progress(), []

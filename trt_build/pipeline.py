@@ -5,10 +5,10 @@
     components, unet = accelerate(plan)   # VAE halves and UNet now run as engines
 
 An engine found in the cache is loaded without exporting anything; a missing one is
-exported to ONNX, cleaned, built and cached. The ONNX files go to a folder of the building
-process's own under the cache's ``onnx/`` folder (GBs for a UNet, too much for a small ``/tmp``),
-so processes building at once never read or delete each other's, and are removed once the
-engine is built. Processes wanting the same engine build it once (see :class:`EngineCache`).
+exported to ONNX, cleaned, built and cached. The ONNX files go to a folder of that engine's own
+under the cache's ``onnx/`` folder (GBs for a UNet, too much for a small ``/tmp``), used only
+under the engine's build lock, so processes building at once never read or delete each other's;
+it is removed once the engine is built, and emptied first (what a killed build left). Processes wanting the same engine build it once (see :class:`EngineCache`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import functools
 import importlib
 import importlib.util
 import re
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -107,11 +109,20 @@ class BuildPlan:
                          profile=self.profile, precision=self.precision, tensorrt=tensorrt,
                          compute_capability=compute_capability, gpu=name, opset=OPSET)
 
-    def onnx_folder(self, spec: ExportSpec) -> tempfile.TemporaryDirectory[str]:
-        """A new folder for ``spec``'s ONNX files, this build's alone, removed when its ``with`` ends."""
-        parent = self.cache.root / "onnx"
-        parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryDirectory(dir=parent, prefix=f".{spec.part}-")
+    @contextmanager
+    def onnx_folder(self, key: EngineKey) -> Iterator[Path]:
+        """The folder for the ONNX files of ``key``'s engine, emptied first and removed after.
+
+        One per engine, and only ever used under that engine's build lock (:meth:`EngineCache.get_or_build`):
+        no other build touches it meanwhile, and what a killed build left (GBs for a UNet) goes with the next.
+        """
+        folder = self.cache.root / "onnx" / Path(key.filename).stem
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def fingerprint(self, spec: ExportSpec) -> str:
         """The exported module's weights fingerprint, read once per model (the VAE serves two parts)."""
@@ -140,18 +151,19 @@ def build_engines(plan: BuildPlan, progress: Progress = lambda stage: None) -> d
     gpu = ("{}.{}".format(*torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
     engines = {}
     for part, spec in plan.specs().items():
-        build = functools.partial(_write_engine, plan, spec, progress=progress)
-        engines[part], _ = plan.cache.get_or_build(plan.key(spec, tensorrt, gpu), build, progress)
+        key = plan.key(spec, tensorrt, gpu)
+        build = functools.partial(_write_engine, plan, spec, key, progress=progress)
+        engines[part], _ = plan.cache.get_or_build(key, build, progress)
     return engines
 
 
-def _write_engine(plan: BuildPlan, spec: ExportSpec, target: Path, progress: Progress) -> None:
+def _write_engine(plan: BuildPlan, spec: ExportSpec, key: EngineKey, target: Path, progress: Progress) -> None:
     """Export, clean and build one part into ``target``; the ONNX files (GBs for a UNet) go once it is built."""
     from trt_build.builder import write_engine
 
-    with plan.onnx_folder(spec) as folder:
+    with plan.onnx_folder(key) as folder:
         progress(f"exporting {spec.part} to ONNX")
-        onnx = prepare_onnx(spec, Path(folder) / f"{spec.part}.onnx", plan.components.device).path
+        onnx = prepare_onnx(spec, folder / f"{spec.part}.onnx", plan.components.device).path
         progress(f"building the {spec.part} engine (minutes, once)")
         write_engine(onnx, spec.shapes, target, fp16=plan.fp16, strongly_typed=plan.strongly_typed,
                      description=spec.part)
