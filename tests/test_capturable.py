@@ -10,11 +10,13 @@ loop. So, inside a captured call:
 - nothing may draw random numbers: a replay would draw new ones where eager runs draw the stream's
   fixed noise, so outputs would differ from the eager path's.
 
-None of that needs a GPU to check. Every captured call (one device's call for each CFG type,
-one and two frames, img2img and txt2img, v-prediction; a sharded rank's UNet component and its
-decode) runs here on the ``meta`` device, where tensors have shapes and no data, under a dispatch
-mode that records every operator: a host tensor anywhere shows as a ``cpu`` tensor among ``meta``
-ones, and a read of a value fails outright (meta tensors have none) or is named by the mode.
+None of that needs a GPU to check. The captured calls (one device's call for each CFG type, one
+and two frames, img2img and txt2img, v-prediction; a sharded rank's UNet component and its decode)
+run here on the ``meta`` device, where tensors have shapes and no data, under a dispatch mode that
+records every operator: a host tensor anywhere shows as a ``cpu`` tensor among ``meta`` ones, and
+a read of a value fails outright (meta tensors have none) or is named by the mode. Rank 0's encode
+and scheduler step (``ShardRank._encode``, ``_step``) are not run here, only the step functions
+they are made of (:mod:`engine.step`'s, as one device's call).
 """
 
 from __future__ import annotations
