@@ -7,7 +7,9 @@ derives them from the components' ``needs`` and ``gives``. Besides these, rank k
 the noise prediction, and rank 0 sends rank k−1 the finished latents to decode. Each call's command
 goes from rank 0 to every rank over gloo, on the CPU, whatever the device: a rank waits for the next
 command as long as the stream is idle (days, in a server), and a CPU wait sleeps where an NCCL
-receive would keep a kernel spinning on the GPU and its host wait a CPU core.
+receive would keep a kernel spinning on the GPU and its host wait a CPU core. (After an
+asynchronous call a rank still has the next call's activations posted as an NCCL receive: that
+kernel waits on the GPU until the stream goes on, but no CPU core waits with it.)
 
 Each direction of each link has its own process group (:class:`LinkGroups`), because NCCL would
 otherwise deadlock the first call: it has no tags, matches a pair's messages by the order they
