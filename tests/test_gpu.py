@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batch import FrameJob, run_jobs
 from engine.components import Components
 from engine.config import StreamConfig
 from engine.presets import build_preset
 from engine.runtime import Engine, EngineConfig
 from engine.stream import StreamDiffusion
-from tests.test_graphs import runner_for
+from tests.test_graphs import run_schedule, runner_for
 from tests.test_runtime import lockstep, solo, wait_until
 
 pytestmark = pytest.mark.gpu
@@ -147,24 +146,14 @@ def test_a_size_that_cannot_be_captured_runs_eagerly_and_the_rest_replay(gpu_tin
     runner.capture()
     assert runner.captured == [1, 3]
     assert_empty_cache_frees_memory()
-    prompts = ("ink", "neon", "oil")
-    streams = [StreamDiffusion(gpu_tiny, CONFIG.with_updates(prompt=p), runner=runner) for p in prompts]
-    inputs = {p: frames(5, seed=i) for i, p in enumerate(prompts)}
+    streams = [StreamDiffusion(gpu_tiny, CONFIG.with_updates(prompt=p), runner=runner) for p in ("ink", "neon", "oil")]
+    inputs = [frames(5, seed=i) for i in range(len(streams))]
     schedule = [(0,), (0, 1), (0, 1, 2), (1, 2), (0, 1, 2), (2,)]  # calls of 1, 2 (eager) and 3 streams
-    got: dict[str, list] = {p: [] for p in prompts}
-    fed: dict[str, list] = {p: [] for p in prompts}
-    for members in schedule:
-        jobs = [FrameJob(streams[i], inputs[prompts[i]][len(fed[prompts[i]])]) for i in members]
-        for i, job in zip(members, jobs):
-            fed[prompts[i]].append(job.frame)
-        run_jobs(jobs, runner)
-        for i, job in zip(members, jobs):
-            assert job.error is None
-            got[prompts[i]] += job.outputs or []
-    for prompt, stream in zip(prompts, streams):
-        want = solo(gpu_tiny, stream.config, fed[prompt])
-        assert len(got[prompt]) == len(want) > 0
-        for a, b in zip(got[prompt], want):
+    got, fed, _ = run_schedule(runner, streams, inputs, schedule)
+    for stream, outputs, fed_frames in zip(streams, got, fed):
+        want = solo(gpu_tiny, stream.config, fed_frames)
+        assert len(outputs) == len(want) > 0
+        for a, b in zip(outputs, want):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 

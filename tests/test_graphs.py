@@ -49,27 +49,36 @@ def runner_for(tiny, config: StreamConfig = CONFIG, streams: int = 3, capture: b
     return runner
 
 
+def run_schedule(runner: CallRunner, streams: list[StreamDiffusion], inputs: list[list[np.ndarray]],
+                 schedule: list[tuple[int, ...]]) -> tuple[list[list], list[list], list[int]]:
+    """Calls where ``schedule[c]`` names the streams sending a frame (their next input) on call ``c``: each
+    stream's outputs and the frames it was fed, and each call's UNet stream count. Every job must succeed."""
+    got: list[list] = [[] for _ in streams]
+    fed: list[list] = [[] for _ in streams]
+    unet_streams = []
+    for members in schedule:
+        jobs = [FrameJob(streams[i], inputs[i][len(fed[i])]) for i in members]
+        for i, job in zip(members, jobs):
+            fed[i].append(job.frame)
+        unet_streams.append(run_jobs(jobs, runner)["unet_streams"])
+        for i, job in zip(members, jobs):
+            assert job.error is None
+            got[i] += job.outputs or []
+    return got, fed, unet_streams
+
+
 def test_graphs_replayed_for_streams_joining_and_leaving_equal_each_stream_alone(tiny) -> None:
     runner = runner_for(tiny)
     assert runner.captured == [1, 2, 3]
-    prompts = ("ink", "neon", "oil")
-    streams = [StreamDiffusion(tiny, CONFIG.with_updates(prompt=p), runner=runner) for p in prompts]
-    inputs = {p: pictures(6, seed=i) for i, p in enumerate(prompts)}
+    streams = [StreamDiffusion(tiny, CONFIG.with_updates(prompt=p), runner=runner) for p in ("ink", "neon", "oil")]
+    inputs = [pictures(6, seed=i) for i in range(len(streams))]
     schedule = [(0,), (0, 1), (0, 1, 2), (1, 2), (0, 2), (0, 1, 2)]  # who sends a frame on each call
-    got: dict[str, list] = {p: [] for p in prompts}
-    fed: dict[str, list] = {p: [] for p in prompts}
-    for members in schedule:
-        jobs = [FrameJob(streams[i], inputs[prompts[i]][len(fed[prompts[i]])]) for i in members]
-        for i, job in zip(members, jobs):
-            fed[prompts[i]].append(job.frame)
-        assert run_jobs(jobs, runner)["unet_streams"] == len(jobs)
-        for i, job in zip(members, jobs):
-            assert job.error is None
-            got[prompts[i]] += job.outputs or []
-    for prompt, stream in zip(prompts, streams):
-        want = solo(tiny, stream.config, fed[prompt])
-        assert len(got[prompt]) == len(want) > 0
-        for a, b in zip(got[prompt], want):
+    got, fed, unet_streams = run_schedule(runner, streams, inputs, schedule)
+    assert unet_streams == [len(members) for members in schedule]
+    for stream, outputs, frames in zip(streams, got, fed):
+        want = solo(tiny, stream.config, frames)
+        assert len(outputs) == len(want) > 0
+        for a, b in zip(outputs, want):
             assert_same_picture(a, b)
 
 

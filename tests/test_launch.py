@@ -7,7 +7,6 @@ drain, so these ranks stand in for NCCL: a destroy that never returns.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from engine.parallel.launch import GroupSpec, RankFailed, launch
+from tests.test_asyncdiff import _exists  # whether a pid (or its zombie) is still there
 
 GROUP = GroupSpec(timeout_s=60.0)
 
@@ -66,11 +66,3 @@ def _refuse_a_graceful_destroy(group: object = None) -> None:
 
 def _raise(rank: int, world_size: int) -> None:
     raise ValueError(f"rank {rank} broke")
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal sent: only asks whether the process (or its zombie) exists
-    except ProcessLookupError:
-        return False
-    return True

@@ -61,7 +61,7 @@ def activation_routes(components: Sequence[Component]) -> tuple[Route, ...]:
 
 def link_pairs(world: int, routes: Iterable[Route]) -> list[tuple[int, int]]:
     """Every ``(src, dst)`` that carries the device's data: the activations' routes, the finished latents from
-    rank 0 to rank k−1 and the prediction back (the commands have links of their own: :func:`command_pairs`)."""
+    rank 0 to rank k−1 and the prediction back (the commands have a group of their own: :func:`command_group`)."""
     ends = {(0, world - 1), (world - 1, 0)} if world > 1 else set()
     return sorted({(r.src, r.dst) for r in routes} | ends)
 

@@ -36,9 +36,9 @@ import os
 import signal
 import time
 from collections import deque
-from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -173,7 +173,7 @@ class ShardRank:
                 pixels = zeros(self.channels.frames.shape[1:], MATH_DTYPE)
                 self.encode_call.prepare(pixels)
                 x = self.encode_call(pixels)[1]
-                self.step_call.prepare(zeros(self.sample_shape), x.clone())
+                self.step_call.prepare(zeros(self.sample_shape), x)  # prepare copies its inputs
                 self.stream.reset()  # the warm-up and capture calls wrote into the slot's buffer and stock noise
 
     def _decode(self, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
