@@ -171,7 +171,6 @@ async def run(url: str, fps: float, size: int, warmup: float, seconds: float, ba
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
     from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="python -m app.client",

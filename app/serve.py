@@ -59,7 +59,8 @@ def engine_app(engine: Engine, *, auth: tuple[str, str] | None = None, video: Vi
     if ui:
         from app.ui import mount_ui  # imported here: Gradio is heavy and absent on headless machines
 
-        mount_ui(app, engine.config.stream, load_styles(), random_weights=random_weights)
+        mount_ui(app, engine.config.stream, load_styles(), random_weights=random_weights,
+                 listed=app.state.streams_listed)
     else:
         add_headless_index(app)
     return app

@@ -131,6 +131,7 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
 
     app = FastAPI(title="diffcam", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
+    app.state.streams_listed = listed
     if auth is not None:
         app.add_middleware(BasicAuth, credentials=auth)
 

@@ -27,10 +27,12 @@ STAGE = """
 <div id="diffcam-stats">output – fps · latency – · dropped – · skipped –</div>
 """
 
-#: what to stream and how: stream, camera, Start/Stop, status; a listed stream's player URL
+#: what to stream and how: stream, camera, Start/Stop, status; a listed stream's player URL. The Stream row
+#: is there from the start where streams are listed (``{streams_hidden}`` empty), so that Start never moves
+#: down under a click when the first list arrives.
 BAR = """
 <div id="diffcam-bar">
-  <div class="diffcam-row" id="diffcam-streams" hidden>
+  <div class="diffcam-row" id="diffcam-streams"{streams_hidden}>
     <label for="diffcam-stream">Stream</label>
     <select id="diffcam-stream"><option value="">my camera</option></select>
   </div>
@@ -63,23 +65,26 @@ LIVE_CONTROLS = (("prompt", "prompt"), ("negative", "negative_prompt"), ("streng
 MAX_UPLOAD = "64kb"
 
 
-def mount_ui(app: FastAPI, config: StreamConfig, styles: list[dict], *, random_weights: bool = False) -> FastAPI:
-    """Mount the page at ``/`` (after every API route: the mount catches all other paths)."""
-    demo = build_blocks(config, styles, random_weights)
+def mount_ui(app: FastAPI, config: StreamConfig, styles: list[dict], *, random_weights: bool = False,
+             listed: bool = False) -> FastAPI:
+    """Mount the page at ``/`` (after every API route: the mount catches all other paths); ``listed``: whether
+    the server lists streams (``GET /streams``), which the page then offers from the start."""
+    demo = build_blocks(config, styles, random_weights, listed)
     head = f"<script>{(STATIC / 'diffcam.js').read_text('utf-8')}</script>"
     # the page takes no files: refuse uploads past a small form's size (Gradio stores them otherwise)
     return gr.mount_gradio_app(app, demo, path="/", head=head, css=(STATIC / "page.css").read_text("utf-8"),
                                footer_links=[], max_file_size=MAX_UPLOAD)
 
 
-def build_blocks(config: StreamConfig, styles: list[dict], random_weights: bool) -> gr.Blocks:
+def build_blocks(config: StreamConfig, styles: list[dict], random_weights: bool, listed: bool = False) -> gr.Blocks:
     with gr.Blocks(title="diffcam", analytics_enabled=False, fill_width=True) as demo:
         gr.HTML(_title(random_weights), apply_default_css=False, js_on_load=None, elem_id="diffcam-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=420):
                 gr.HTML(STAGE, apply_default_css=False, js_on_load=None)
             with gr.Column(scale=2, min_width=340, elem_id="diffcam-controls"):
-                gr.HTML(BAR, apply_default_css=False, js_on_load=None)
+                bar = BAR.format(streams_hidden="" if listed else " hidden")
+                gr.HTML(bar, apply_default_css=False, js_on_load=None)
                 _wire(_controls(config, styles), styles)
     return demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 
@@ -133,6 +134,23 @@ async def test_streams_are_not_listed_to_the_network_without_auth(tiny) -> None:
         async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
             assert (await http.get("/streams")).status_code == 401
             assert (await http.get("/streams", auth=("me", "pw"))).json() == {"streams": []}
+
+
+def test_the_page_offers_the_stream_picker_from_the_start_only_where_streams_are_listed(tiny) -> None:
+    # shown as the page renders, not when the first list arrives: a row appearing above Start moves it
+    # down under a click that was aimed at it
+    def picker(**options) -> str:
+        app, _ = build_app(tiny, CONFIG, max_sessions=1, idle_timeout=10, random_weights=True, **options)
+        page = next(route.app.get_blocks() for route in app.routes if hasattr(getattr(route, "app", None),
+                                                                               "get_blocks"))
+        bars = [block.value for block in page.blocks.values()
+                if 'id="diffcam-streams"' in str(getattr(block, "value", ""))]
+        assert len(bars) == 1
+        return re.search(r'<div class="diffcam-row" id="diffcam-streams"[^>]*>', bars[0]).group(0)
+
+    assert "hidden" not in picker()  # loopback only: listed
+    assert "hidden" in picker(exposure=Exposure(hosts=None))
+    assert "hidden" not in picker(exposure=Exposure(hosts=None), auth=("me", "pw"))
 
 
 async def test_a_page_going_away_frees_its_session_at_once_with_its_close_url(tiny) -> None:

@@ -281,6 +281,7 @@
     if (response && (!response.ok ? [403, 404].includes(response.status) : !Array.isArray(body?.streams))) {
       state.unlisted = true;
       clearInterval(state.poller);
+      if ($("diffcam-streams")) $("diffcam-streams").hidden = true;
     }
     if (Array.isArray(body?.streams)) showStreams(body.streams);
   }
