@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +126,41 @@ def test_frame_slots_copy_and_unlink() -> None:
     slots.release()
     slots.release()
     assert not Path("/dev/shm", slots.name).exists()
+
+
+#: in a shared memory of 1 MB: a block of 384 KB fits and takes its room; the next, 1.5 MB, is refused
+FULL_SHM = """
+import os, numpy as np
+from engine.parallel.replica_frames import FrameSlots
+from engine.session import EngineBusyError
+fits = FrameSlots.create("test-fits", 256, 256)
+try:
+    FrameSlots.create("test-too-big", 512, 512)
+except EngineBusyError as error:
+    print(error)
+print(sorted(os.listdir("/dev/shm")))
+fits.write(1, np.full((256, 256, 3), 7, np.uint8))
+print(int(fits.read(1).sum()))
+fits.release()
+"""
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0,
+                    reason="needs root and unshare(1) to give a process a small /dev/shm of its own")
+def test_a_block_shared_memory_has_no_room_for_is_refused_not_a_crash_later() -> None:
+    # a tmpfs file's room is only on paper until written: without the reservation the block is made, and the
+    # first frame written into it kills the process with SIGBUS (exit 135), as in a Docker container's 64 MB
+    command = f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} -c '{FULL_SHM}'"
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"unshare --mount is not allowed here: {probe.stderr.decode().strip()}")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", command], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    refusal, left, written = done.stdout.splitlines()
+    assert "no room in shared memory" in refusal and "--shm-size" in refusal and "takes 3.0 MB" in refusal
+    assert left == f"[{PREFIX + 'test-fits'!r}]", "the refused block is gone"
+    assert written == str(7 * 256 * 256 * 3)
 
 
 def test_frames_are_fitted_as_the_engine_fits_them() -> None:
@@ -235,6 +274,23 @@ class TestTwoReplicas:
         await wait_until(lambda: total("sessions_opened") == known + 1 == total("sessions_closed"),
                          what="the replica closing the session nobody waited for")
         assert not replicas.sessions() and not our_blocks([link.process.pid for link in replicas.links])
+
+    async def test_a_session_shared_memory_has_no_room_for_is_refused(self, replicas, monkeypatch) -> None:
+        def full(fd: int, offset: int, size: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        rejected = replicas.metrics.sessions_rejected
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "posix_fallocate", full)
+            with pytest.raises(EngineBusyError, match=r"no room in shared memory .* --shm-size"):
+                await replicas.open_session()
+        assert replicas.metrics.sessions_rejected == rejected + 1
+        assert not replicas.sessions() and not our_blocks([link.process.pid for link in replicas.links])
+        session = await replicas.open_session()  # room again: served
+        try:
+            assert len(await lockstep(session, frames(3))) == 2
+        finally:
+            session.close()
 
     async def test_capacity_and_describe(self, replicas) -> None:
         assert replicas.config.max_sessions == 4

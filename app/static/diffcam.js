@@ -151,7 +151,10 @@
       });
       const answer = await response.json().catch(() => ({}));
       if (pc !== state.pc) return;
-      if (response.status === 503) { stop("server busy: every stream slot is taken, try again soon", "error"); return; }
+      if (response.status === 503) {  // the server says why: every slot taken, or no room for one more
+        stop(`server busy: ${answer.detail || "every stream slot is taken, try again soon"}`, "error");
+        return;
+      }
       if (!response.ok) { stop(answer.detail || answer.error || `error ${response.status}`, "error"); return; }
       state.closeUrl = answer.close || null;
       await pc.setRemoteDescription(answer);

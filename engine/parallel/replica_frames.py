@@ -10,18 +10,29 @@ that message until it has copied the frame out and sent "slot k is free". The wr
 writes into slots it owns, so a frame is never overwritten while it is being read. With two
 slots the writer can fill one while the other is in transit; when both are in transit the
 newest frame waits in the writer's one-frame mailbox (newest wins), so nothing queues.
+
+A block's memory is taken when it is made, not when a frame is first written: on Linux shared
+memory lives in ``/dev/shm``, a tmpfs (64 MB in a Docker container unless ``--shm-size`` says
+more), and writing into a block that tmpfs has no room for kills the whole server with SIGBUS.
+A session it has no room for is refused instead, with :class:`~engine.session.EngineBusyError`.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from multiprocessing import shared_memory
 
 from engine.image import Frame, fit, to_chw
+from engine.session import EngineBusyError
 
 SLOTS = 2  # one in transit while the next is written
 PREFIX = "diffcam-replica-"  # every block's name starts so (tests look for leftovers in /dev/shm)
+SHM = Path("/dev/shm")  # where Linux keeps POSIX shared memory
 
 
 class FrameSlots:
@@ -35,8 +46,16 @@ class FrameSlots:
 
     @classmethod
     def create(cls, name: str, height: int, width: int) -> "FrameSlots":
-        """A new block named ``PREFIX + name`` (the creator unlinks it on :meth:`release`)."""
-        block = shared_memory.SharedMemory(name=PREFIX + name, create=True, size=SLOTS * height * width * 3)
+        """A new block named ``PREFIX + name`` (the creator unlinks it on :meth:`release`), its memory taken
+        now; ``EngineBusyError`` when shared memory has no room for it."""
+        size = SLOTS * height * width * 3
+        block = shared_memory.SharedMemory(name=PREFIX + name, create=True, size=size)
+        try:
+            _reserve(block.name, size)
+        except BaseException:
+            block.close()
+            block.unlink()
+            raise
         return cls(block, height, width, owner=True)
 
     @classmethod
@@ -73,6 +92,28 @@ class FrameSlots:
             raise RuntimeError(f"shared frames {self.name} are released")
         size = int(np.prod(self.shape))
         return np.ndarray(self.shape, dtype=np.uint8, buffer=self._block.buf, offset=slot * size)
+
+
+def _reserve(name: str, size: int) -> None:
+    """Give the block ``name`` its ``size`` bytes of ``/dev/shm`` now, or refuse it: a block made with
+    room to spare only on paper (tmpfs files are sparse) raises SIGBUS at the first write past the room."""
+    path = SHM / name
+    if not hasattr(os, "posix_fallocate") or not path.exists():  # not Linux: no such tmpfs to run out of
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:  # a file system that cannot reserve: go on as before
+            return
+        room = os.statvfs(SHM)
+        free = room.f_bavail * room.f_frsize
+        raise EngineBusyError(
+            f"no room in shared memory for another session's frames ({SHM} has {free / 2**20:.1f} MB free, a "
+            f"session takes {2 * size / 2**20:.1f} MB); serve fewer sessions, or give diffcam more shared memory "
+            "(in Docker: docker run --shm-size=1g)") from None
+    finally:
+        os.close(fd)
 
 
 def to_model_rgb(frame: Frame, height: int, width: int) -> np.ndarray:

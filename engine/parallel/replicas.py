@@ -257,7 +257,11 @@ class ReplicaEngine:
         session_id = f"s{next(self._ids)}"
         link.opening += 1
         try:
-            session = ReplicaSession(session_id, config, link, self._loop, self._forget)
+            try:
+                session = ReplicaSession(session_id, config, link, self._loop, self._forget)
+            except EngineBusyError:  # no room in shared memory for its frames
+                self.metrics.sessions_rejected += 1
+                raise
             try:
                 await self._open_on(link, session, params)
             except BaseException:  # failed, or the caller gave up: a session opened there anyway is closed
