@@ -246,6 +246,11 @@ class Engine:
         """True when no worker is running a round and no frame waits."""
         return all(worker.idle for worker in self._workers)
 
+    def busy_for(self) -> float:
+        """Seconds the longest-running round on any device has run so far (0 when every device is between
+        rounds): see :meth:`engine.worker.Worker.busy_for`."""
+        return max((worker.busy_for() for worker in self._workers), default=0.0)
+
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 

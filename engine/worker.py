@@ -85,7 +85,7 @@ class Worker:
         self._next = 0
         self._wake = threading.Condition()
         self._stopping = False
-        self._working = False
+        self._busy_since: float | None = None  # when the running round (or requests) began
         self.thread = threading.Thread(target=self._run, name=f"diffcam-worker-{self.name}", daemon=True)
 
     @property
@@ -95,7 +95,14 @@ class Worker:
     @property
     def idle(self) -> bool:
         """No round or request running and none waiting."""
-        return not self._working and not self._requests and not any(s.has_pending for s in self._sessions)
+        return self._busy_since is None and not self._requests and not any(s.has_pending for s in self._sessions)
+
+    def busy_for(self) -> float:
+        """Seconds the running round (or batch of requests) has run so far; 0 between them. Every call size
+        is compiled or captured before serving, so on a GPU a round takes milliseconds: one that runs on for
+        minutes is a device that hangs, which raises nothing."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def start(self) -> Future[DeviceModel]:
         """Start the thread; the future resolves once the model is loaded and prepared (or fails with why not)."""
@@ -151,7 +158,7 @@ class Worker:
                 self._carry_out(request, future)
             if taken:
                 self._round(taken)
-            self._working = False
+            self._busy_since = None
         self._cancel_requests()
 
     def _set_up(self) -> DeviceModel:
@@ -187,7 +194,7 @@ class Worker:
                 chosen = self._choose()
                 if requests or chosen:
                     break
-            self._working = True
+            self._busy_since = time.monotonic()
         taken = [(session, session.take()) for session in chosen]
         return requests, [(session, frame) for session, frame in taken if frame is not None]
 

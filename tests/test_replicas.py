@@ -33,6 +33,7 @@ from app.serve import engine_app
 from engine.config import StreamConfig
 from engine.models import ModelSpec
 from engine.parallel.replica_frames import PREFIX, FrameSlots, to_model_rgb
+from engine.parallel.replica_process import Fault
 from engine.models import ModelUnavailableError
 from engine.parallel.replicas import ReplicaEngine, parse_devices, shares
 from engine.runtime import Engine, EngineConfig
@@ -43,6 +44,7 @@ SIZE = 64
 STREAM = StreamConfig(t_index_list=(20, 40), width=SIZE, height=SIZE, cfg_type="self", guidance_scale=1.4,
                       prompt="a cat", seed=4)
 WAIT_S = 30.0  # a bound on any one wait (two processes share two cores with other tests)
+HANG_S = 6.0  # a round this long hangs: tiny rounds take milliseconds, a second on a loaded machine
 
 
 def replica_config(**overrides) -> EngineConfig:
@@ -354,7 +356,7 @@ async def test_a_replica_whose_device_fails_for_good_exits_and_the_rest_serve_on
     It exits rather than serve on, failing every frame while looking the least loaded: its session ends saying
     why, and new sessions go to replica 1."""
     caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
-    engine = ReplicaEngine(replica_config(), device_error_at=(0, 3))
+    engine = ReplicaEngine(replica_config(), fault=Fault(0, 3))
     await asyncio.wait_for(engine.start(), 120)
     pids = [link.process.pid for link in engine.links]
     try:
@@ -381,10 +383,42 @@ async def test_a_replica_whose_device_fails_for_good_exits_and_the_rest_serve_on
     assert not our_blocks(pids)
 
 
+async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) -> None:
+    """Replica 0's third UNet call never returns, as on a GPU that hangs: nothing raises, and the replica's event
+    loop goes on reporting its stats, so the front's silence check cannot tell. Its round running past ``hang_s``
+    gives it away: it exits saying so, its session ends saying why, and new sessions go to replica 1."""
+    caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
+    engine = ReplicaEngine(replica_config(), hang_s=HANG_S, fault=Fault(0, 3, hang=True))
+    await asyncio.wait_for(engine.start(), 120)
+    pids = [link.process.pid for link in engine.links]
+    try:
+        doomed, survivor = await engine.open_session(), await engine.open_session()
+        assert engine.snapshot()["replicas"][0]["sessions"] == [doomed.id]
+        await lockstep(doomed, frames(2, seed=5))  # UNet calls 1 and 2
+        doomed.submit(frames(1, seed=7)[0], pts=2)  # call 3 hangs
+        started = time.monotonic()
+        await lockstep(survivor, frames(2, seed=6))  # meanwhile replica 1 serves on
+        with pytest.raises(SessionClosedError, match="lost its device .*the device stopped answering: a round "
+                                                     f"has run for [0-9]+ s \\(the limit is {HANG_S:.0f} s\\)"):
+            await asyncio.wait_for(doomed.next_output(), WAIT_S)
+        assert time.monotonic() - started >= HANG_S - 1
+        engine.links[0].process.join(WAIT_S)
+        assert engine.links[0].process.exitcode == 1
+        assert engine.snapshot()["replicas"][0]["alive"] is False
+        newcomer = await engine.open_session()
+        assert engine.snapshot()["replicas"][1]["sessions"] == sorted([survivor.id, newcomer.id])
+        await lockstep(newcomer, frames(2, seed=8))
+        assert not our_blocks([pids[0]]), "the hung replica's session left shared memory behind"
+    finally:
+        await asyncio.wait_for(engine.aclose(), 30)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+    assert not our_blocks(pids)
+
+
 async def test_a_replica_whose_device_fails_while_opening_a_session_exits() -> None:
     """Poisoned before any frame: the text encoder fails while a session opens on replica 0 (the least loaded).
     That open is refused saying why, the replica exits, and the next open goes to replica 1."""
-    engine = ReplicaEngine(replica_config(), device_error_at=(0, 0))
+    engine = ReplicaEngine(replica_config(), fault=Fault(0, 0))
     await asyncio.wait_for(engine.start(), 120)
     pids = [link.process.pid for link in engine.links]
     try:

@@ -349,6 +349,28 @@ async def test_updates_made_while_the_worker_applies_one_are_not_lost(tiny) -> N
         assert (session.stream.config.prompt, session.stream.config.guidance_scale) == ("a cat", 1.9)
 
 
+async def test_busy_for_counts_the_running_round_and_is_zero_between_rounds(tiny) -> None:
+    # what a replica watches to tell a device that hangs (it raises nothing) from one that serves
+    release = threading.Event()
+
+    def held(module, args) -> None:
+        release.wait(30)
+
+    hook = tiny.unet.register_forward_pre_hook(held)
+    try:
+        async with Engine(engine_config(), components=tiny) as engine:
+            assert engine.busy_for() == 0.0
+            session = await engine.open_session()
+            session.submit(frame(0))
+            await wait_until(lambda: engine.busy_for() > 0.3)
+            release.set()
+            await wait_until(lambda: engine.idle)
+            assert engine.busy_for() == 0.0 and session.metrics.processed == 1
+    finally:
+        hook.remove()
+        release.set()
+
+
 async def test_sessions_spread_over_workers_and_none_opens_during_shutdown(tiny) -> None:
     config = EngineConfig(model=ModelSpec("tiny"), devices=("cpu", "cpu"), max_sessions=8,
                           stream=StreamConfig(t_index_list=(30,), width=SIZE, height=SIZE, cfg_type="none"))

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from multiprocessing.process import BaseProcess
 
 from engine.models import ModelUnavailableError
-from engine.parallel.replica_process import replica_main
+from engine.parallel.replica_process import Fault, replica_main
 from engine.runtime import EngineConfig, Progress
 
 if TYPE_CHECKING:
@@ -45,18 +45,18 @@ class ReplicaFailed(RuntimeError):
 class ReplicaLink:
     """Process ``index`` serving ``config.devices[0]`` with up to ``config.max_sessions`` sessions.
 
-    ``device_error_at``: from that UNet call on (0: at once), the process's model fails as on a GPU whose CUDA
-    context is poisoned (tests).
+    ``hang_s``: a round that runs this long there means its device hangs (None: no limit); ``fault``: a fault to
+    inject there (tests, see :class:`~engine.parallel.replica_process.Fault`).
     """
 
     def __init__(self, index: int, config: EngineConfig, threads: int, silence_s: float = SILENCE_S,
-                 device_error_at: int | None = None) -> None:
+                 hang_s: float | None = None, fault: Fault | None = None) -> None:
         context = mp.get_context("spawn")
         self.index, self.config = index, config
         self.silence_s = silence_s
         self.device = config.devices[0]
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=replica_main, args=(config, child, threads, device_error_at),
+        self.process = context.Process(target=replica_main, args=(config, child, threads, hang_s, fault),
                                        daemon=True, name=f"diffcam-replica-{index}")
         self.process.start()
         child.close()  # only the child holds its end: the pipe ends when the child does
@@ -171,7 +171,7 @@ class ReplicaLink:
         if self._stopping:
             return
         self.process.join(POLL_S)  # it is gone or going: its exit code says how
-        if how is None and self.lost is not None:
+        if self.lost is not None:  # it said why (and may have hung in its exit, on a device that hangs)
             how = f"lost its device ({self.lost}) and exited"
         try:
             loop.call_soon_threadsafe(on_death, self, how or exit_reason(self.process))

@@ -13,8 +13,9 @@ skipped)``, ``("error", sid, front_frame_id, message)``, ``("closed", sid, why)`
 ``("stats", engine_snapshot)`` every :data:`STATS_PERIOD` seconds, and ``("lost", why)`` just
 before it exits on an error that left its device unusable (:func:`engine.worker.device_unusable`):
 a poisoned CUDA context fails every frame and every open, so serving on would only draw new
-sessions here (the front sends them to the least loaded replica). Exiting, the replica is handled
-as one that died: its sessions end, and new ones go to the others.
+sessions here (the front sends them to the least loaded replica). A device that hangs raises
+nothing, so a round that runs on past ``hang_s`` is taken as one too. Exiting, the replica is
+handled as one that died: its sessions end, and new ones go to the others.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -43,13 +45,26 @@ log = logging.getLogger(__name__)
 
 STATS_PERIOD = 0.5
 TAGS_KEPT = 64  # replica frame id → front frame id, for naming failed frames
+#: a GPU round that runs this long hangs: rounds take milliseconds once every call size is ready, which it is
+#: before serving (a CPU round may take many seconds, and a CPU does not hang: no limit there by default)
+HANG_S = 300.0
 
 
-def replica_main(config: EngineConfig, conn: Connection, threads: int, device_error_at: int | None = None) -> None:
+@dataclass(frozen=True)
+class Fault:
+    """Fault injection for tests: from the UNet's ``call``-th call on (0: at once) replica ``replica``'s model
+    fails as every call does on a GPU whose CUDA context is poisoned, or with ``hang``, never returns."""
+
+    replica: int
+    call: int
+    hang: bool = False
+
+
+def replica_main(config: EngineConfig, conn: Connection, threads: int, hang_s: float | None = None,
+                 fault: Fault | None = None) -> None:
     """The replica process: load the model on ``config.devices[0]``, say so, serve until told to stop.
 
-    ``device_error_at``: from that UNet call on (0: at once), the model fails as on a GPU whose CUDA context is
-    poisoned (tests).
+    ``hang_s``: a round running this long means the device hangs (None: no limit); ``fault``: see :class:`Fault`.
     """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the front stops us
@@ -66,17 +81,18 @@ def replica_main(config: EngineConfig, conn: Connection, threads: int, device_er
     components = engine.components
     conn.send(("ready", {"name": components.name, "device": str(components.device),
                          "dtype": str(components.dtype).replace("torch.", ""), "backend": engine.backend}))
-    if device_error_at is not None:
-        _PoisonedDevice(components, device_error_at)
-    asyncio.run(ReplicaServer(engine, conn).serve())
+    if fault is not None:
+        _FaultyDevice(components, fault)
+    asyncio.run(ReplicaServer(engine, conn, hang_s).serve())
 
 
-class _PoisonedDevice:
-    """Fault injection for tests: from the UNet's ``first``-th call on (0: at once), the UNet and the text encoder
-    raise a sticky CUDA error, as every call does on a GPU whose CUDA context an illegal memory access poisoned."""
+class _FaultyDevice:
+    """:class:`Fault` made real: from the UNet's ``fault.call``-th call on, the UNet and the text encoder raise a
+    sticky CUDA error, as every call does on a GPU whose CUDA context an illegal memory access poisoned, or
+    (``fault.hang``) sleep for good, as a call does on a GPU that hangs."""
 
-    def __init__(self, components: Components, first: int) -> None:
-        self.first, self.unet_calls = first, 0
+    def __init__(self, components: Components, fault: Fault) -> None:
+        self.fault, self.unet_calls = fault, 0
         self.error = getattr(torch, "AcceleratorError", RuntimeError)
         components.unet.register_forward_pre_hook(self._unet_call)
         components.text_encoder.register_forward_pre_hook(self._call)
@@ -86,8 +102,12 @@ class _PoisonedDevice:
         self._call(module, args)
 
     def _call(self, module: torch.nn.Module, args: tuple) -> None:
-        if self.unet_calls >= self.first:
-            raise self.error("CUDA error: an illegal memory access was encountered")
+        if self.unet_calls < self.fault.call:
+            return
+        if self.fault.hang:
+            while True:
+                time.sleep(3600)
+        raise self.error("CUDA error: an illegal memory access was encountered")
 
 
 @dataclass
@@ -110,9 +130,10 @@ class Hosted:
 class ReplicaServer:
     """Serves the front's requests on this process's event loop; the engine's worker does the model."""
 
-    def __init__(self, engine: Engine, conn: Connection) -> None:
+    def __init__(self, engine: Engine, conn: Connection, hang_s: float | None = None) -> None:
         self.engine = engine
         self.conn = conn
+        self.hang_s = hang_s
         self.hosted: dict[str, Hosted] = {}
         self._opening: set[str] = set()
         self._cancelled: set[str] = set()
@@ -124,6 +145,8 @@ class ReplicaServer:
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop,), name="diffcam-replica-reader", daemon=True).start()
         self._spawn(self._report_stats())
+        if self.hang_s is not None:
+            self._spawn(self._watch_device(self.hang_s))
         await self._stopped.wait()
         for sid in list(self.hosted):
             self._close(sid)
@@ -262,14 +285,24 @@ class ReplicaServer:
             self._send(("output", sid, slot, output.pts, output.skipped))
 
     def _exit_if_device_lost(self, error: BaseException | None) -> None:
-        """Tell the front why and end this process at once when ``error`` left the device unusable.
+        """Tell the front why and end this process at once when ``error`` left the device unusable."""
+        if device_unusable(error):
+            self._exit_lost(f"{type(error).__name__}: {error}")
 
-        At once (``os._exit``): the worker thread may be stuck on the device, and nothing here is worth
-        keeping; the front unlinks the sessions' shared memory, as it does for a replica that crashed.
-        """
-        if not device_unusable(error):
-            return
-        why = f"{type(error).__name__}: {error}"
+    async def _watch_device(self, hang_s: float) -> None:
+        """End this process when a round has run past ``hang_s``: a device that hangs raises nothing, and its
+        sessions would wait for good while the replica, reporting its stats, looks alive to the front."""
+        while True:
+            await asyncio.sleep(min(STATS_PERIOD, hang_s / 4))
+            busy = self.engine.busy_for()
+            if busy > hang_s:
+                self._exit_lost(f"the device stopped answering: a round has run for {busy:.0f} s "
+                                f"(the limit is {hang_s:.0f} s)")
+
+    def _exit_lost(self, why: str) -> None:
+        """Tell the front why the device is lost and end this process at once (``os._exit``): the worker thread
+        may be stuck on the device, and nothing here is worth keeping; the front unlinks the sessions' shared
+        memory, as it does for a replica that crashed."""
         log.critical("%s: the device is unusable, so this replica exits (its sessions end; new ones go to "
                      "the other replicas)", why)
         self._send(("lost", why))

@@ -33,6 +33,7 @@ import torch
 from engine.config import updated_config
 from engine.metrics import EngineMetrics, prometheus_text
 from engine.parallel.replica_link import SILENCE_S, ReplicaFailed, ReplicaLink
+from engine.parallel.replica_process import HANG_S, Fault
 from engine.parallel.replica_session import ReplicaSession
 from engine.runtime import EngineConfig, Progress
 from engine.session import EngineBusyError, FrameError, reap_idle
@@ -91,20 +92,22 @@ class ReplicaEngine:
     ``config.devices`` names the devices (one process each; a name may repeat, e.g. ``cpu``
     twice for tests); ``config.max_sessions`` is the total, split evenly. ``threads``: torch
     threads per process on the CPU. ``silence_s``: a replica silent this long is taken as hung,
-    killed, and handled as one that died; so is one whose device became unusable (it exits).
-    ``device_error_at=(replica, call)``: from that UNet call on (0: at once), that replica's model
-    fails as on a GPU whose CUDA context is poisoned (tests).
+    killed, and handled as one that died; so is one whose device became unusable (it exits), and
+    one with a round that has run ``hang_s`` (None: :data:`~engine.parallel.replica_process.HANG_S`
+    on a GPU, no limit on the CPU). ``fault``: a device fault to inject (tests,
+    :class:`~engine.parallel.replica_process.Fault`).
     """
 
     def __init__(self, config: EngineConfig, *, threads: int = 1, silence_s: float = SILENCE_S,
-                 progress: Progress | None = None, device_error_at: tuple[int, int] | None = None) -> None:
+                 hang_s: float | None = None, progress: Progress | None = None, fault: Fault | None = None) -> None:
         if len(config.devices) < 1:
             raise ValueError("replicas need at least one device in config.devices")
         self._config = config
         self._shares = shares(config.max_sessions, len(config.devices))
         self.threads = threads
         self.silence_s = silence_s
-        self.device_error_at = device_error_at
+        self.hang_s = hang_s
+        self.fault = fault
         self.metrics = EngineMetrics()
         self._progress: Progress = progress or (lambda stage: None)
         self.links: list[ReplicaLink] = []
@@ -199,8 +202,9 @@ class ReplicaEngine:
         links: list[ReplicaLink] = []
         try:
             for index, device in enumerate(self._config.devices):
+                fault = self.fault if self.fault is not None and self.fault.replica == index else None
                 links.append(ReplicaLink(index, self._replica_config(index, device), self.threads, self.silence_s,
-                                         self._device_error_at(index)))
+                                         self._hang_s(device), fault))
             for link in links:
                 link.wait_ready(progress if link.index == 0 else (lambda stage: None))
         except BaseException:
@@ -209,9 +213,11 @@ class ReplicaEngine:
             raise
         self.links = links
 
-    def _device_error_at(self, index: int) -> int | None:
-        fault = self.device_error_at
-        return fault[1] if fault is not None and fault[0] == index else None
+    def _hang_s(self, device: str) -> float | None:
+        """How long a round may run on ``device``: as given, else :data:`HANG_S` on a GPU and no limit on a CPU."""
+        if self.hang_s is not None:
+            return self.hang_s
+        return HANG_S if device.startswith("cuda") else None
 
     def _replica_config(self, index: int, device: str) -> EngineConfig:
         return replace(self._config, devices=(device,), model=replace(self._config.model, device=device),
