@@ -168,8 +168,14 @@ def create_app(engine: Engine, peers: PeerManager, *, auth: tuple[str, str] | No
     add_stream_routes(app, hub, listed=listed, virtual_camera=virtual_camera)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "sessions": len(engine.sessions()), "max_sessions": engine.config.max_sessions}
+    async def healthz() -> Response:
+        """200 while the engine can serve; 503 saying why when it cannot (a device that hangs, every device
+        process dead), so that a supervisor (Docker's HEALTHCHECK, Kubernetes) restarts it."""
+        health = {"status": "ok", "sessions": len(engine.sessions()), "max_sessions": engine.config.max_sessions}
+        trouble = engine.trouble()
+        if trouble is not None:
+            return JSONResponse(health | {"status": "failing", "detail": trouble}, status_code=503)
+        return JSONResponse(health)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -189,7 +195,7 @@ ENDPOINTS = {
     "GET /streams": "the live streams (WHIP and --source): their WHEP and view URLs and parameters",
     "POST /streams/{stream_id}/params": "change a stream's prompt, strength, guidance, seed… (JSON)",
     "GET, PUT /virtual-cam": "what the virtual camera shows (--virtual-cam); PUT {\"stream\": id or null}",
-    "GET /healthz": "liveness and session count",
+    "GET /healthz": "liveness and session count; 503 saying why when nothing can be served (a GPU that hangs)",
     "GET /metrics": "Prometheus metrics",
 }
 

@@ -36,7 +36,7 @@ from engine.session import EngineBusyError, Session, reap_idle
 from engine.slots import StreamSlots
 from engine.step import step_models
 from engine.stream import StreamDiffusion
-from engine.worker import DeviceModel, Worker
+from engine.worker import HANG_S, DeviceModel, Worker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class EngineConfig:
     max_batch: int = 8                     # sessions per UNet call
     idle_timeout: float = 30.0             # close a session nobody has read from for this long
     shutdown_timeout: float = 5.0
+    #: a round running this long means the device hangs (it raises nothing); None: HANG_S on CUDA devices and no
+    #: limit elsewhere (a CPU round may take many seconds, and a CPU does not hang)
+    hang_timeout: float | None = None
 
     @property
     def sessions_per_call(self) -> int:
@@ -66,6 +69,11 @@ class EngineConfig:
 
     def graphs_on(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.graphs is None else self.graphs
+
+    def hang_timeout_on(self, device: torch.device) -> float | None:
+        if self.hang_timeout is not None:
+            return self.hang_timeout
+        return HANG_S if device.type == "cuda" else None
 
     def __post_init__(self) -> None:
         if self.stream.mode != "img2img":
@@ -81,8 +89,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name}={value!r} is out of range; allowed: [{low}, {high}]")
-        for name in ("idle_timeout", "shutdown_timeout"):
+        for name in ("idle_timeout", "shutdown_timeout", "hang_timeout"):
             value = getattr(self, name)
+            if name == "hang_timeout" and value is None:
+                continue
             if not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name}={value!r} must be a positive number of seconds")
 
@@ -250,6 +260,15 @@ class Engine:
         """Seconds the longest-running round on any device has run so far (0 when every device is between
         rounds): see :meth:`engine.worker.Worker.busy_for`."""
         return max((worker.busy_for() for worker in self._workers), default=0.0)
+
+    def trouble(self) -> str | None:
+        """Why this engine cannot serve now, or None: a device whose round has run past ``hang_timeout``
+        hangs (see :meth:`engine.worker.Worker.busy_for`)."""
+        for worker in self._workers:
+            busy, limit = worker.busy_for(), self.config.hang_timeout_on(worker.device)
+            if limit is not None and busy > limit:
+                return f"{worker.name} stopped answering: a round has run for {busy:.0f} s (the limit is {limit:.0f} s)"
+        return None
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())

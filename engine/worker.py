@@ -46,6 +46,10 @@ class DeviceModel:
 
 Request = tuple[Callable[[], Any], Future]
 
+#: a GPU round that runs this long hangs: rounds take milliseconds once every call size is compiled or captured,
+#: which they are before serving (:attr:`engine.runtime.EngineConfig.hang_timeout`)
+HANG_S = 300.0
+
 #: what torch raises for a failed CUDA call (torch 2.8 on; before, a RuntimeError saying "CUDA error: ...")
 ACCELERATOR_ERROR: type | tuple = getattr(torch, "AcceleratorError", ())
 

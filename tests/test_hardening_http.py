@@ -11,6 +11,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import threading
+import time
 from typing import AsyncIterator, Iterable
 
 import httpx
@@ -21,10 +23,11 @@ from aiortc import sdp as aiortc_sdp
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import server
-from app.serve import build_app
+from app.serve import build_app, engine_app
 from app.webrtc import MAX_SDP_BYTES, PeerManager
 from engine.config import StreamConfig
 from engine.runtime import Engine, EngineConfig
+from engine.synthetic import moving_frame
 from tests.test_app_webrtc import moving_camera
 
 CONFIG = StreamConfig(t_index_list=(32, 45), width=64, height=64, cfg_type="none", prompt="a watercolor painting")
@@ -374,3 +377,32 @@ async def test_the_page_refuses_uploads_past_a_small_forms_size(tiny) -> None:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+async def test_healthz_fails_saying_why_while_the_device_hangs(tiny) -> None:
+    # a GPU that hangs raises nothing: only a round that runs on tells, and a supervisor restarts on the 503
+    release = threading.Event()
+
+    def held(module, args) -> None:
+        release.wait(30)
+
+    engine = Engine(EngineConfig(stream=CONFIG, max_sessions=1, hang_timeout=1.0), components=tiny)
+    hook = tiny.unet.register_forward_pre_hook(held)
+    try:
+        async with serving(engine_app(engine, ui=False, random_weights=True)) as served, \
+                httpx.AsyncClient(base_url=served.url, timeout=10) as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok", "sessions": 0, "max_sessions": 1}
+            session = await engine.open_session()
+            session.submit(moving_frame(0, 64, 64))
+            deadline = time.monotonic() + 20
+            while (health := await http.get("/healthz")).status_code == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert health.status_code == 503 and health.json()["status"] == "failing", health.text
+            assert "cpu stopped answering: a round has run for" in health.json()["detail"]
+            release.set()  # it answers again
+            while (health := await http.get("/healthz")).status_code == 503 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert health.json() == {"status": "ok", "sessions": 1, "max_sessions": 1}
+    finally:
+        hook.remove()
+        release.set()

@@ -196,7 +196,7 @@ async def test_a_rank_that_dies_between_sessions_is_reported_within_seconds(capl
     try:
         os.kill(pids[0], signal.SIGKILL)  # nobody is streaming
         await wait_until(lambda: engine.snapshot()["failure"], 15, "the dead rank reported")
-        assert "rank 0" in engine.snapshot()["failure"]
+        assert "rank 0" in engine.snapshot()["failure"] and "rank 0" in engine.trouble()  # /healthz says it
         assert any("restart diffcam" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
         with pytest.raises(EngineBusyError, match="rank 0"):
             await engine.open_session()

@@ -45,18 +45,17 @@ class ReplicaFailed(RuntimeError):
 class ReplicaLink:
     """Process ``index`` serving ``config.devices[0]`` with up to ``config.max_sessions`` sessions.
 
-    ``hang_s``: a round that runs this long there means its device hangs (None: no limit); ``fault``: a fault to
-    inject there (tests, see :class:`~engine.parallel.replica_process.Fault`).
+    ``fault``: a fault to inject there (tests, see :class:`~engine.parallel.replica_process.Fault`).
     """
 
     def __init__(self, index: int, config: EngineConfig, threads: int, silence_s: float = SILENCE_S,
-                 hang_s: float | None = None, fault: Fault | None = None) -> None:
+                 fault: Fault | None = None) -> None:
         context = mp.get_context("spawn")
         self.index, self.config = index, config
         self.silence_s = silence_s
         self.device = config.devices[0]
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=replica_main, args=(config, child, threads, hang_s, fault),
+        self.process = context.Process(target=replica_main, args=(config, child, threads, fault),
                                        daemon=True, name=f"diffcam-replica-{index}")
         self.process.start()
         child.close()  # only the child holds its end: the pipe ends when the child does

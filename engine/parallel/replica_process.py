@@ -14,7 +14,7 @@ skipped)``, ``("error", sid, front_frame_id, message)``, ``("closed", sid, why)`
 before it exits on an error that left its device unusable (:func:`engine.worker.device_unusable`):
 a poisoned CUDA context fails every frame and every open, so serving on would only draw new
 sessions here (the front sends them to the least loaded replica). A device that hangs raises
-nothing, so a round that runs on past ``hang_s`` is taken as one too. Exiting, the replica is
+nothing, so a round that runs on past the config's ``hang_timeout`` is taken as one too. Exiting, the replica is
 handled as one that died: its sessions end, and new ones go to the others.
 """
 
@@ -45,9 +45,6 @@ log = logging.getLogger(__name__)
 
 STATS_PERIOD = 0.5
 TAGS_KEPT = 64  # replica frame id → front frame id, for naming failed frames
-#: a GPU round that runs this long hangs: rounds take milliseconds once every call size is ready, which it is
-#: before serving (a CPU round may take many seconds, and a CPU does not hang: no limit there by default)
-HANG_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -60,12 +57,9 @@ class Fault:
     hang: bool = False
 
 
-def replica_main(config: EngineConfig, conn: Connection, threads: int, hang_s: float | None = None,
-                 fault: Fault | None = None) -> None:
+def replica_main(config: EngineConfig, conn: Connection, threads: int, fault: Fault | None = None) -> None:
     """The replica process: load the model on ``config.devices[0]``, say so, serve until told to stop.
-
-    ``hang_s``: a round running this long means the device hangs (None: no limit); ``fault``: see :class:`Fault`.
-    """
+    ``fault``: see :class:`Fault`."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the front stops us
     torch.set_num_threads(threads)
@@ -83,7 +77,7 @@ def replica_main(config: EngineConfig, conn: Connection, threads: int, hang_s: f
                          "dtype": str(components.dtype).replace("torch.", ""), "backend": engine.backend}))
     if fault is not None:
         _FaultyDevice(components, fault)
-    asyncio.run(ReplicaServer(engine, conn, hang_s).serve())
+    asyncio.run(ReplicaServer(engine, conn).serve())
 
 
 class _FaultyDevice:
@@ -130,10 +124,9 @@ class Hosted:
 class ReplicaServer:
     """Serves the front's requests on this process's event loop; the engine's worker does the model."""
 
-    def __init__(self, engine: Engine, conn: Connection, hang_s: float | None = None) -> None:
+    def __init__(self, engine: Engine, conn: Connection) -> None:
         self.engine = engine
         self.conn = conn
-        self.hang_s = hang_s
         self.hosted: dict[str, Hosted] = {}
         self._opening: set[str] = set()
         self._cancelled: set[str] = set()
@@ -145,8 +138,7 @@ class ReplicaServer:
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop,), name="diffcam-replica-reader", daemon=True).start()
         self._spawn(self._report_stats())
-        if self.hang_s is not None:
-            self._spawn(self._watch_device(self.hang_s))
+        self._spawn(self._watch_device())
         await self._stopped.wait()
         for sid in list(self.hosted):
             self._close(sid)
@@ -289,15 +281,12 @@ class ReplicaServer:
         if device_unusable(error):
             self._exit_lost(f"{type(error).__name__}: {error}")
 
-    async def _watch_device(self, hang_s: float) -> None:
-        """End this process when a round has run past ``hang_s``: a device that hangs raises nothing, and its
-        sessions would wait for good while the replica, reporting its stats, looks alive to the front."""
-        while True:
-            await asyncio.sleep(min(STATS_PERIOD, hang_s / 4))
-            busy = self.engine.busy_for()
-            if busy > hang_s:
-                self._exit_lost(f"the device stopped answering: a round has run for {busy:.0f} s "
-                                f"(the limit is {hang_s:.0f} s)")
+    async def _watch_device(self) -> None:
+        """End this process when its device hangs (:meth:`Engine.trouble`): that raises nothing, and its sessions
+        would wait for good while the replica, reporting its stats, looks alive to the front."""
+        while (trouble := self.engine.trouble()) is None:
+            await asyncio.sleep(STATS_PERIOD)
+        self._exit_lost(trouble)
 
     def _exit_lost(self, why: str) -> None:
         """Tell the front why the device is lost and end this process at once (``os._exit``): the worker thread

@@ -33,7 +33,7 @@ import torch
 from engine.config import updated_config
 from engine.metrics import EngineMetrics, prometheus_text
 from engine.parallel.replica_link import SILENCE_S, ReplicaFailed, ReplicaLink
-from engine.parallel.replica_process import HANG_S, Fault
+from engine.parallel.replica_process import Fault
 from engine.parallel.replica_session import ReplicaSession
 from engine.runtime import EngineConfig, Progress
 from engine.session import EngineBusyError, FrameError, reap_idle
@@ -93,20 +93,18 @@ class ReplicaEngine:
     twice for tests); ``config.max_sessions`` is the total, split evenly. ``threads``: torch
     threads per process on the CPU. ``silence_s``: a replica silent this long is taken as hung,
     killed, and handled as one that died; so is one whose device became unusable (it exits), and
-    one with a round that has run ``hang_s`` (None: :data:`~engine.parallel.replica_process.HANG_S`
-    on a GPU, no limit on the CPU). ``fault``: a device fault to inject (tests,
-    :class:`~engine.parallel.replica_process.Fault`).
+    one whose device hangs (a round running past ``config.hang_timeout``). ``fault``: a device
+    fault to inject (tests, :class:`~engine.parallel.replica_process.Fault`).
     """
 
     def __init__(self, config: EngineConfig, *, threads: int = 1, silence_s: float = SILENCE_S,
-                 hang_s: float | None = None, progress: Progress | None = None, fault: Fault | None = None) -> None:
+                 progress: Progress | None = None, fault: Fault | None = None) -> None:
         if len(config.devices) < 1:
             raise ValueError("replicas need at least one device in config.devices")
         self._config = config
         self._shares = shares(config.max_sessions, len(config.devices))
         self.threads = threads
         self.silence_s = silence_s
-        self.hang_s = hang_s
         self.fault = fault
         self.metrics = EngineMetrics()
         self._progress: Progress = progress or (lambda stage: None)
@@ -156,6 +154,13 @@ class ReplicaEngine:
     def sessions(self) -> list[ReplicaSession]:
         return list(self._sessions.values())
 
+    def trouble(self) -> str | None:
+        """Why no session can be served, or None: every replica has died (one that hung or lost its device
+        exits). With some left, they serve on."""
+        if self.links and not self._living():
+            return "every device process has died (see the log for why; restart diffcam)"
+        return None
+
     def snapshot(self) -> dict:
         """Engine metrics summed over the replicas, per-session metrics, and each replica's own."""
         stats = [link.stats for link in self.links]
@@ -204,7 +209,7 @@ class ReplicaEngine:
             for index, device in enumerate(self._config.devices):
                 fault = self.fault if self.fault is not None and self.fault.replica == index else None
                 links.append(ReplicaLink(index, self._replica_config(index, device), self.threads, self.silence_s,
-                                         self._hang_s(device), fault))
+                                         fault))
             for link in links:
                 link.wait_ready(progress if link.index == 0 else (lambda stage: None))
         except BaseException:
@@ -212,12 +217,6 @@ class ReplicaEngine:
                 link.stop(0.0)
             raise
         self.links = links
-
-    def _hang_s(self, device: str) -> float | None:
-        """How long a round may run on ``device``: as given, else :data:`HANG_S` on a GPU and no limit on a CPU."""
-        if self.hang_s is not None:
-            return self.hang_s
-        return HANG_S if device.startswith("cuda") else None
 
     def _replica_config(self, index: int, device: str) -> EngineConfig:
         return replace(self._config, devices=(device,), model=replace(self._config.model, device=device),

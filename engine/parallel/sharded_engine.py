@@ -243,6 +243,10 @@ class ShardedEngine:
     def prometheus(self) -> bytes:
         return prometheus_text(self.snapshot)
 
+    def trouble(self) -> str | None:
+        """Why no session can be served (a rank failed; new sessions are refused), or None."""
+        return self._failure
+
     # ------------------------------------------------------------ life cycle
 
     def load(self, progress: Progress | None = None) -> None:
