@@ -126,7 +126,7 @@ def open_stream(args: argparse.Namespace, config: StreamConfig,
                 devices: tuple[str, ...]) -> StreamDiffusion | TwoInFlight:
     """The stream the flags describe, loaded: sharded over ``devices`` (two or more), or on one device."""
     if len(devices) > 1:  # a hub model is fetched once here, not by each device process
-        spec = local_model(model_spec(args))
+        spec = local_model(model_spec(args), devices[0])
         return TwoInFlight(ShardedStream(spec.model, config, devices=devices, vae=spec.vae, lcm_lora=spec.lcm_lora,
                                          dtype=rank_dtype(args, devices), resync_every=args.resync_every))
     spec = model_spec(args) if not devices else replace(model_spec(args), device=devices[0])

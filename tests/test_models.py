@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from engine.models import ModelSpec, ModelUnavailableError, load_components
+from engine.models import (FP16, ModelSpec, ModelUnavailableError, load_components, local_model, pipeline_variant,
+                           pipeline_weights)
 from engine.presets import build_preset, load_tiny_tokenizer
 from engine.tokenizer_vocab import TINY_TOKENIZER_DIR, byte_level_vocab, bytes_to_unicode
 
@@ -142,3 +144,79 @@ def test_a_hub_that_never_answers_times_out_with_the_same_clear_error(monkeypatc
             load_components(ModelSpec(model="someone/slow-model", cache_dir=str(tmp_path)))
     finally:
         silent.close()
+
+
+#: the files of stabilityai/sd-turbo on the hub: both weight sets, and a single-file checkpoint besides
+SD_TURBO_FILES = [".gitattributes", "README.md", "model_index.json", "sd_turbo.safetensors",
+                  "feature_extractor/preprocessor_config.json", "scheduler/scheduler_config.json",
+                  "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
+                  "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+                  "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+                  "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                  "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_fp16_reads_the_fp16_variant_and_other_dtypes_the_full_weights() -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    from engine.models import _PIPELINE_CONFIGS
+
+    assert pipeline_variant(SD_TURBO_FILES, torch.float16) == FP16
+    assert pipeline_variant(SD_TURBO_FILES, torch.float32) is None
+    assert pipeline_variant(SD_TURBO_FILES, torch.bfloat16) is None
+    # what is downloaded for fp16: the configs, the tokenizer and the fp16 weights, nothing else
+    fetched = set(filter_repo_objects(SD_TURBO_FILES, allow_patterns=_PIPELINE_CONFIGS + pipeline_weights(FP16)))
+    assert {name for name in fetched if name.endswith(".safetensors")} == set(pipeline_weights(FP16))
+    assert "tokenizer/vocab.json" in fetched and "model_index.json" in fetched
+    # only one set there: that one, whatever the dtype; neither: a clear error
+    full_only = [name for name in SD_TURBO_FILES if ".fp16." not in name]
+    assert pipeline_variant(full_only, torch.float16) is None
+    fp16_only = [name for name in SD_TURBO_FILES if name not in pipeline_weights(None)]
+    assert pipeline_variant(fp16_only, torch.float32) == FP16
+    with pytest.raises(LookupError, match="missing unet/diffusion_pytorch_model.safetensors, .*only safetensors"):
+        pipeline_variant([name for name in full_only if not name.startswith("unet/diffusion")], torch.float16)
+
+
+def _saved_pipeline(components, folder, variant=None) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                            unet=components.unet, scheduler=components.scheduler, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(folder, safe_serialization=True, variant=variant)
+
+
+def _same_weights(expected, loaded) -> bool:
+    return all(torch.equal(x.to(y.dtype), y) for x, y in zip(expected.unet.state_dict().values(),
+                                                             loaded.unet.state_dict().values()))
+
+
+def test_a_folder_and_a_cached_hub_model_load_the_weight_set_their_dtype_wants(tmp_path, monkeypatch) -> None:
+    # the fp16 files hold another model here, so that which set was read shows in the weights
+    full, other = build_preset("small", vae="full"), build_preset("small", vae="full")
+    with torch.no_grad():
+        for weight in other.unet.parameters():
+            weight.add_(0.25)
+    folder = tmp_path / "model"
+    _saved_pipeline(full, folder)
+    _saved_pipeline(other, folder, variant=FP16)
+    assert all((folder / name).exists() for name in pipeline_weights(None) + pipeline_weights(FP16))
+    as_fp16 = load_components(ModelSpec(model=str(folder), vae="full", device="cpu", dtype="float16"))
+    assert as_fp16.unet.dtype == torch.float16 and _same_weights(other, as_fp16)
+    assert _same_weights(full, load_components(ModelSpec(model=str(folder), vae="full", device="cpu")))
+
+    # a hub model in the cache (as `hf download` leaves it), offline: the fp16 set alone serves fp32 as well
+    snapshot = tmp_path / "hub" / "models--someone--small-pipe" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot, ignore=lambda _, names: [n for n in names if n in (
+        "diffusion_pytorch_model.safetensors", "model.safetensors")])
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec(model="someone/small-pipe", vae="full", device="cpu", cache_dir=str(tmp_path / "hub"))
+    assert _same_weights(other, load_components(spec))
+    assert local_model(spec, "cpu").model == str(snapshot)
+    # a cached snapshot without a complete weight set is not the model: offline, that is the clear error
+    for name in pipeline_weights(FP16):
+        (snapshot / name).unlink()
+    with pytest.raises(ModelUnavailableError, match="'someone/small-pipe' is not in the local Hugging Face cache"):
+        load_components(spec)

@@ -257,7 +257,7 @@ class ShardedEngine:
         if self.stream is not None:
             return
         report = progress or self._progress
-        spec = local_model(self.config.model)
+        spec = local_model(self.config.model, self.config.devices[0])
         report("pipeline")
         self.stream = ShardedStream(spec.model, self.config.stream, devices=self.config.devices, vae=spec.vae,
                                     dtype=self._dtype(), cost=self.cost, threads=self.threads,
