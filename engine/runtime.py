@@ -209,6 +209,9 @@ class Engine:
         if len(self._sessions) + self._opening >= self.config.max_sessions:
             self.metrics.sessions_rejected += 1
             raise EngineBusyError(f"all {self.config.max_sessions} sessions are in use; try again later")
+        if (trouble := self.trouble()) is not None:  # a device that hangs would never answer it
+            self.metrics.sessions_rejected += 1
+            raise EngineBusyError(f"{trouble}; restart diffcam")
         worker = min(self._workers, key=lambda w: w.session_count)
         self._opening += 1
         worker.reserved += 1

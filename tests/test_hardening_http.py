@@ -27,6 +27,7 @@ from app.serve import build_app, engine_app
 from app.webrtc import MAX_SDP_BYTES, PeerManager
 from engine.config import StreamConfig
 from engine.runtime import Engine, EngineConfig
+from engine.session import EngineBusyError
 from engine.synthetic import moving_frame
 from tests.test_app_webrtc import moving_camera
 
@@ -386,12 +387,12 @@ async def test_healthz_fails_saying_why_while_the_device_hangs(tiny) -> None:
     def held(module, args) -> None:
         release.wait(30)
 
-    engine = Engine(EngineConfig(stream=CONFIG, max_sessions=1, hang_timeout=1.0), components=tiny)
+    engine = Engine(EngineConfig(stream=CONFIG, max_sessions=2, hang_timeout=1.0), components=tiny)
     hook = tiny.unet.register_forward_pre_hook(held)
     try:
         async with serving(engine_app(engine, ui=False, random_weights=True)) as served, \
                 httpx.AsyncClient(base_url=served.url, timeout=10) as http:
-            assert (await http.get("/healthz")).json() == {"status": "ok", "sessions": 0, "max_sessions": 1}
+            assert (await http.get("/healthz")).json() == {"status": "ok", "sessions": 0, "max_sessions": 2}
             session = await engine.open_session()
             session.submit(moving_frame(0, 64, 64))
             deadline = time.monotonic() + 20
@@ -399,10 +400,12 @@ async def test_healthz_fails_saying_why_while_the_device_hangs(tiny) -> None:
                 await asyncio.sleep(0.1)
             assert health.status_code == 503 and health.json()["status"] == "failing", health.text
             assert "cpu stopped answering: a round has run for" in health.json()["detail"]
+            with pytest.raises(EngineBusyError, match="stopped answering"):  # it would never be answered
+                await engine.open_session()
             release.set()  # it answers again
             while (health := await http.get("/healthz")).status_code == 503 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            assert health.json() == {"status": "ok", "sessions": 1, "max_sessions": 1}
+            assert health.json() == {"status": "ok", "sessions": 1, "max_sessions": 2}
     finally:
         hook.remove()
         release.set()

@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 import torch
 import uvicorn
+from multiprocessing import shared_memory
 
 from app.client import Client, SyntheticCamera
 from app.main import describe
@@ -278,15 +279,21 @@ class TestTwoReplicas:
         assert not replicas.sessions() and not our_blocks([link.process.pid for link in replicas.links])
 
     async def test_a_session_shared_memory_has_no_room_for_is_refused(self, replicas, monkeypatch) -> None:
-        def full(fd: int, offset: int, size: int) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        def failing(code: int):
+            def fail(*args, **kwargs) -> None:
+                raise OSError(code, os.strerror(code))
+            return fail
 
         rejected = replicas.metrics.sessions_rejected
-        with monkeypatch.context() as patched:
-            patched.setattr(os, "posix_fallocate", full)
-            with pytest.raises(EngineBusyError, match=r"no room in shared memory .* --shm-size"):
-                await replicas.open_session()
-        assert replicas.metrics.sessions_rejected == rejected + 1
+        # a full tmpfs; a container's memory limit reached; out of file descriptors
+        for target, code, message in ((os, errno.ENOSPC, r"no room in shared memory .* --shm-size"),
+                                      (os, errno.ENOMEM, r"no room in shared memory .* --shm-size"),
+                                      (shared_memory, errno.EMFILE, r"could not make shared memory .* files")):
+            with monkeypatch.context() as patched:
+                patched.setattr(target, "posix_fallocate" if target is os else "SharedMemory", failing(code))
+                with pytest.raises(EngineBusyError, match=message):
+                    await replicas.open_session()
+        assert replicas.metrics.sessions_rejected == rejected + 3
         assert not replicas.sessions() and not our_blocks([link.process.pid for link in replicas.links])
         session = await replicas.open_session()  # room again: served
         try:

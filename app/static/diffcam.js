@@ -444,7 +444,11 @@
       navigator.mediaDevices.addEventListener?.("devicechange", () => listCameras().catch(() => {}));
     }
     clientConfig().then((config) => {
-      if (config.streams_listed === false) { state.unlisted = true; return; }
+      if (config.streams_listed === false) {
+        state.unlisted = true;
+        if ($("diffcam-streams")) $("diffcam-streams").hidden = true;
+        return;
+      }
       pollStreams();
       state.poller = setInterval(pollStreams, POLL_MS);
     });

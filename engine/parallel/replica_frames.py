@@ -20,6 +20,7 @@ A session it has no room for is refused instead, with :class:`~engine.session.En
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -30,7 +31,10 @@ from multiprocessing import shared_memory
 from engine.image import Frame, fit, to_chw
 from engine.session import EngineBusyError
 
+log = logging.getLogger(__name__)
+
 SLOTS = 2  # one in transit while the next is written
+
 PREFIX = "diffcam-replica-"  # every block's name starts so (tests look for leftovers in /dev/shm)
 SHM = Path("/dev/shm")  # where Linux keeps POSIX shared memory
 
@@ -49,7 +53,11 @@ class FrameSlots:
         """A new block named ``PREFIX + name`` (the creator unlinks it on :meth:`release`), its memory taken
         now; ``EngineBusyError`` when shared memory has no room for it."""
         size = SLOTS * height * width * 3
-        block = shared_memory.SharedMemory(name=PREFIX + name, create=True, size=size)
+        try:
+            block = shared_memory.SharedMemory(name=PREFIX + name, create=True, size=size)
+        except OSError as error:  # out of inodes, of file descriptors: this session cannot be served now
+            raise EngineBusyError(f"could not make shared memory for another session's frames ({error}); "
+                                  "serve fewer sessions") from error
         try:
             _reserve(block.name, size)
         except BaseException:
@@ -104,7 +112,9 @@ def _reserve(name: str, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as error:
-        if error.errno != errno.ENOSPC:  # a file system that cannot reserve: go on as before
+        # ENOMEM: a container's memory limit counts tmpfs pages, and the next write would be OOM-killed
+        if error.errno not in (errno.ENOSPC, errno.ENOMEM):
+            log.warning("could not reserve shared memory for %s (%s); going on without", name, error)
             return
         room = os.statvfs(SHM)
         free = room.f_bavail * room.f_frsize
