@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=7860, help="port to listen on")
     server.add_argument("--max-sessions", type=int, default=4, help="concurrent camera streams; more get 'busy'")
     server.add_argument("--idle-timeout", type=float, default=30.0, help="seconds before an abandoned stream is freed")
+    server.add_argument("--hang-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a round on a device running this long means it hangs: /healthz answers 503 and new "
+                             "streams are refused, a replica on it exits (default: 300 on GPUs, off on the CPU)")
     server.add_argument("--share", action="store_true",
                         help="also open a public link through Gradio's share servers (needs internet)")
     server.add_argument("--no-ui", action="store_true",
@@ -168,7 +171,7 @@ def build_engine(args: argparse.Namespace, config: StreamConfig):
     names = devices(args)
     engine_config = EngineConfig(model=model_spec(args), stream=config, backend=backend_name(args), graphs=args.graphs,
                                  max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
-                                 shutdown_timeout=SHUTDOWN_SECONDS, devices=names)
+                                 hang_timeout=args.hang_timeout, shutdown_timeout=SHUTDOWN_SECONDS, devices=names)
     if args.resync_every is not None and (len(names) < 2 or args.parallel != "asyncdiff"):
         raise ValueError("--resync-every applies to --parallel asyncdiff with several --devices")
     if len(names) > 1 and args.parallel == "asyncdiff":  # one stream, its UNet split: one process per device

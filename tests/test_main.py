@@ -62,7 +62,7 @@ def test_help_documents_every_flag_with_its_default(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--model", "--trt", "--prompt", "--host", "--port", "--width", "--height", "--strength",
                  "--t-index-list", "--cfg-type", "--max-sessions", "--auth", "--share", "--device", "--codec",
-                 "--bitrate"):
+                 "--bitrate", "--hang-timeout"):
         assert flag in text, flag
     assert "(default: 127.0.0.1)" in text and "(default: 7860)" in text and "(default: stabilityai/sd" in text
     assert "(default: None)" not in text
@@ -76,6 +76,7 @@ def test_help_documents_every_flag_with_its_default(capsys) -> None:
     (["--model", "tiny", "--trt"], "--trt needs"),
     (["--model", "tiny", "--devices", "98,99"], "--devices names cuda:98,cuda:99, but this torch build sees"),
     (["--model", "/no/such/model.safetensors"], "does not exist"),
+    (["--model", "tiny", "--hang-timeout", "-1"], "hang_timeout=-1.0 must be a positive number of seconds"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, message, capsys) -> None:
     assert app_main.main(argv) == 2
