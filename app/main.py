@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--hang-timeout", type=float, default=None, metavar="SECONDS",
                         help="a round on a device running this long means it hangs: /healthz answers 503 and new "
                              "streams are refused, a replica on it exits (default: 300 on GPUs, off on the CPU; "
-                             "not yet watched with --parallel asyncdiff)")
+                             "with --parallel asyncdiff, how long one call may take: 120 by default)")
     server.add_argument("--share", action="store_true",
                         help="also open a public link through Gradio's share servers (needs internet)")
     server.add_argument("--no-ui", action="store_true",

@@ -189,6 +189,30 @@ async def test_a_killed_rank_ends_the_session_and_new_ones_hear_why() -> None:
     assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 
 
+async def test_a_rank_that_hangs_ends_the_session_after_the_hang_timeout() -> None:
+    # a GPU that hangs raises nothing, and the rank's process lives on: only the call that never ends tells
+    engine = ShardedEngine(replica_config(hang_timeout=5.0))
+    await asyncio.wait_for(engine.start(), 120)
+    pids = list(engine.stream.pids)
+    try:
+        session = await engine.open_session()
+        await lockstep(session, frames(3))
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = asyncio.get_running_loop().time()
+        for k in range(400):  # keep offering frames, as a camera does
+            if session.closed:
+                break
+            session.submit(frames(1, seed=k)[0])
+            await asyncio.sleep(0.05)
+        assert session.closed and asyncio.get_running_loop().time() - stopped < 15, "the ranks are killed at once"
+        with pytest.raises(SessionClosedError, match="from the ranks within 5 s"):
+            await asyncio.wait_for(session.next_output(), 5)
+        assert "within 5 s" in engine.trouble()  # /healthz says it
+    finally:
+        await asyncio.wait_for(engine.aclose(), 60)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+
+
 async def test_a_rank_that_dies_between_sessions_is_reported_within_seconds(caplog) -> None:
     engine = ShardedEngine(replica_config())
     await asyncio.wait_for(engine.start(), 120)

@@ -84,6 +84,7 @@ from engine.parallel.shard_rank import CALLS, COMPUTE, WAIT, Channels, RankJob, 
 
 POLL_S = 0.1
 MAX_IN_FLIGHT = 2  # shared-memory slots for frames in and out
+CALL_TIMEOUT_S = 120.0  # a call the ranks have not answered in this long: they hang, and are stopped
 HISTORY = 4096  # calls sync_history keeps
 
 
@@ -128,7 +129,7 @@ class ShardedStream:
                  devices: Sequence[str] | None = None, resync_every: int | None = None,
                  warmup_calls: int | None = None, vae: str = "tiny", dtype: str | None = None,
                  cost: str = "estimated", threads: int = 1, start_timeout_s: float = 300.0,
-                 call_timeout_s: float = 120.0, idle_timeout_s: float = 3600.0,
+                 call_timeout_s: float = CALL_TIMEOUT_S, idle_timeout_s: float = 3600.0,
                  crash_at: tuple[int, int] | None = None, lcm_lora: str = "none", graphs: bool | None = None) -> None:
         self.devices = _devices(procs, devices)
         k = len(self.devices)
@@ -322,7 +323,8 @@ class ShardedStream:
                 message = self._channels.replies.get(timeout=POLL_S)
             except queue.Empty:
                 self._check_alive()
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline:  # hung: a polite stop would wait on them too
+                    self._kill_ranks()
                     self.close()
                     raise RankFailed(f"no {kind!r} reply from the ranks within {timeout_s:.0f} s; they were stopped")
                 continue

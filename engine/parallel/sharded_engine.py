@@ -41,7 +41,7 @@ from engine.metrics import EngineMetrics, SessionMetrics, engine_snapshot, prome
 from engine.models import local_model
 from engine.parallel.launch import RankFailed
 from engine.parallel.replicas import ModelInfo
-from engine.parallel.sharded import MAX_IN_FLIGHT, ShardedStream
+from engine.parallel.sharded import CALL_TIMEOUT_S, MAX_IN_FLIGHT, ShardedStream
 from engine.runtime import EngineConfig, Progress
 from engine.session import (EngineBusyError, FrameError, NewestFrameSlot, Output, OutputMailbox, PendingFrame,
                             SessionClosedError, reap_idle)
@@ -262,7 +262,8 @@ class ShardedEngine:
         self.stream = ShardedStream(spec.model, self.config.stream, devices=self.config.devices, vae=spec.vae,
                                     dtype=self._dtype(), cost=self.cost, threads=self.threads,
                                     resync_every=self.resync_every, warmup_calls=self.warmup_calls,
-                                    idle_timeout_s=IDLE_S, lcm_lora=spec.lcm_lora, graphs=self.config.graphs)
+                                    idle_timeout_s=IDLE_S, lcm_lora=spec.lcm_lora, graphs=self.config.graphs,
+                                    call_timeout_s=self.config.hang_timeout or CALL_TIMEOUT_S)
         for stage in ("lcm-lora", "vae", "device"):
             report(stage)
         log.info("sharded stream on %s: blocks %s, %.1f MiB exchanged per call", ", ".join(self.stream.devices),
