@@ -11,6 +11,7 @@ instead of 5.2 GB for sd-turbo. Either set already on disk is used as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Collection
@@ -116,24 +117,57 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype):
         raise ModelUnavailableError(f"model path {spec.model!r} does not exist")
     folder = path if path.is_dir() else Path(resolve_pipeline_snapshot(spec.model, dtype, spec.cache_dir))
     try:
-        variant = pipeline_variant(_files_in(folder), dtype)
-    except LookupError as error:
+        variant = pipeline_variant(_files_in(folder), dtype, folder)
+    except (LookupError, OSError, ValueError) as error:  # ValueError: a shard index that is not JSON
         raise ModelUnavailableError(f"model {spec.model!r}: {error}") from None
     return StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, variant=variant, **options)
 
 
 def pipeline_weights(variant: str | None) -> list[str]:
-    """The weight files of a diffusers SD pipeline, full precision (``None``) or its ``variant``."""
+    """The weight files of a diffusers SD pipeline, full precision (``None``) or its ``variant``, one per component
+    (a component saved in shards has an index file instead: :func:`_weight_patterns`)."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     return [f"{folder}/{stem}{suffix}" for folder, stem in _PIPELINE_WEIGHTS.items()]
 
 
-def pipeline_variant(files: Collection[str], dtype: torch.dtype) -> str | None:
-    """Which weight set of a pipeline to read, of ``files`` (paths in its folder or repository): for fp16 its fp16
-    variant (half the size), else the full-precision files; else whichever set is complete. ``LookupError``, saying
-    what is missing, when neither is."""
+def _weight_index(single: str, variant: str | None) -> str:
+    """The index file of a component saved in shards instead of ``single`` (diffusers' and transformers' names)."""
+    folder, name = single.split("/")
+    stem = name.split(".")[0]
+    return f"{folder}/{stem}.safetensors.index{f'.{variant}' if variant else ''}.json"
+
+
+def _weight_patterns(variant: str | None) -> list[str]:
+    """What to download of one weight set: each component's file, or its index and shards."""
+    patterns = []
+    for single in pipeline_weights(variant):
+        shards = single.removesuffix(".safetensors") + "-*-of-*.safetensors"
+        patterns += [single, _weight_index(single, variant), shards]
+    return patterns
+
+
+def _has_weights(files: Collection[str], variant: str | None, folder: Path | None) -> bool:
+    """Whether ``files`` hold every component of the set ``variant``; a sharded one's shards too where the
+    ``folder`` is there to read its index from."""
+    for single in pipeline_weights(variant):
+        index = _weight_index(single, variant)
+        if single in files:
+            continue
+        if index not in files:
+            return False
+        if folder is not None:
+            shards = set(json.loads((folder / index).read_text("utf-8")).get("weight_map", {}).values())
+            if not all(f"{single.split('/')[0]}/{shard}" in files for shard in shards):
+                return False
+    return True
+
+
+def pipeline_variant(files: Collection[str], dtype: torch.dtype, folder: Path | None = None) -> str | None:
+    """Which weight set of a pipeline to read, of ``files`` (paths in its ``folder``, or in its repository): for fp16
+    its fp16 variant (half the size), else the full-precision files; else whichever set is complete. ``LookupError``,
+    saying what is missing, when neither is."""
     complete = [variant for variant in ((FP16, None) if dtype == torch.float16 else (None, FP16))
-                if all(name in files for name in pipeline_weights(variant))]
+                if _has_weights(files, variant, folder)]
     if not complete:
         missing = [name for name in pipeline_weights(None) if name not in files]
         raise LookupError(f"no complete set of safetensors weights (missing {', '.join(missing)}, and no fp16 "
@@ -231,18 +265,18 @@ def resolve_pipeline_snapshot(repo_id: str, dtype: torch.dtype, cache_dir: str |
     if there is one, else downloaded, in the set :func:`pipeline_variant` picks from the repository's files."""
     def usable(folder: str) -> bool:
         try:
-            pipeline_variant(_files_in(Path(folder)), dtype)
-        except LookupError:
+            pipeline_variant(_files_in(Path(folder)), dtype, Path(folder))
+        except (LookupError, OSError, ValueError):  # ValueError: an index that is not JSON
             return False
         return True
 
     def wanted(files: list[str]) -> list[str]:
         try:
-            return _PIPELINE_CONFIGS + pipeline_weights(pipeline_variant(files, dtype))
+            return _PIPELINE_CONFIGS + _weight_patterns(pipeline_variant(files, dtype))
         except LookupError as error:
             raise ModelUnavailableError(f"model {repo_id!r} on the Hugging Face hub has {error}") from None
 
-    cached = _PIPELINE_CONFIGS + pipeline_weights(None) + pipeline_weights(FP16)
+    cached = _PIPELINE_CONFIGS + _weight_patterns(None) + _weight_patterns(FP16)
     return resolve_hub_snapshot(repo_id, cached, cache_dir, usable=usable, wanted=wanted)
 
 

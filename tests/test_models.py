@@ -159,13 +159,13 @@ SD_TURBO_FILES = [".gitattributes", "README.md", "model_index.json", "sd_turbo.s
 def test_fp16_reads_the_fp16_variant_and_other_dtypes_the_full_weights() -> None:
     from huggingface_hub.utils import filter_repo_objects
 
-    from engine.models import _PIPELINE_CONFIGS
+    from engine.models import _PIPELINE_CONFIGS, _weight_patterns
 
     assert pipeline_variant(SD_TURBO_FILES, torch.float16) == FP16
     assert pipeline_variant(SD_TURBO_FILES, torch.float32) is None
     assert pipeline_variant(SD_TURBO_FILES, torch.bfloat16) is None
     # what is downloaded for fp16: the configs, the tokenizer and the fp16 weights, nothing else
-    fetched = set(filter_repo_objects(SD_TURBO_FILES, allow_patterns=_PIPELINE_CONFIGS + pipeline_weights(FP16)))
+    fetched = set(filter_repo_objects(SD_TURBO_FILES, allow_patterns=_PIPELINE_CONFIGS + _weight_patterns(FP16)))
     assert {name for name in fetched if name.endswith(".safetensors")} == set(pipeline_weights(FP16))
     assert "tokenizer/vocab.json" in fetched and "model_index.json" in fetched
     # only one set there: that one, whatever the dtype; neither: a clear error
@@ -175,6 +175,14 @@ def test_fp16_reads_the_fp16_variant_and_other_dtypes_the_full_weights() -> None
     assert pipeline_variant(fp16_only, torch.float32) == FP16
     with pytest.raises(LookupError, match="missing unet/diffusion_pytorch_model.safetensors, .*only safetensors"):
         pipeline_variant([name for name in full_only if not name.startswith("unet/diffusion")], torch.float16)
+    # a UNet saved in shards: its index and every shard are fetched
+    sharded = [name for name in full_only if not name.startswith("unet/diffusion")] + [
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]
+    assert pipeline_variant(sharded, torch.float16) is None
+    fetched = set(filter_repo_objects(sharded, allow_patterns=_PIPELINE_CONFIGS + _weight_patterns(None)))
+    assert {name for name in sharded if name.startswith("unet/")} <= fetched and "sd_turbo.safetensors" not in fetched
 
 
 def _saved_pipeline(components, folder, variant=None) -> None:
@@ -220,3 +228,17 @@ def test_a_folder_and_a_cached_hub_model_load_the_weight_set_their_dtype_wants(t
         (snapshot / name).unlink()
     with pytest.raises(ModelUnavailableError, match="'someone/small-pipe' is not in the local Hugging Face cache"):
         load_components(spec)
+
+
+def test_a_folder_with_a_unet_saved_in_shards_loads_and_one_missing_shard_is_named(tmp_path) -> None:
+    small = build_preset("small", vae="full")
+    folder = tmp_path / "model"
+    _saved_pipeline(small, folder)
+    small.unet.save_pretrained(folder / "unet", safe_serialization=True, max_shard_size="2MB")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    shards = sorted((folder / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert _same_weights(small, load_components(ModelSpec(model=str(folder), vae="full", device="cpu")))
+    shards[-1].unlink()
+    with pytest.raises(ModelUnavailableError, match="no complete set of safetensors weights"):
+        load_components(ModelSpec(model=str(folder), vae="full", device="cpu"))
