@@ -143,6 +143,8 @@ def _weight_patterns(variant: str | None) -> list[str]:
     for single in pipeline_weights(variant):
         shards = single.removesuffix(".safetensors") + "-*-of-*.safetensors"
         patterns += [single, _weight_index(single, variant), shards]
+        if variant:  # the older naming of a variant's shards: name-00001-of-00002.fp16.safetensors
+            patterns.append(single.removesuffix(f".{variant}.safetensors") + f"-*-of-*.{variant}.safetensors")
     return patterns
 
 
@@ -176,7 +178,9 @@ def pipeline_variant(files: Collection[str], dtype: torch.dtype, folder: Path | 
 
 
 def _files_in(folder: Path) -> set[str]:
-    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    """The files under ``folder``, as paths relative to it; through symlinked folders too."""
+    return {(Path(root) / name).relative_to(folder).as_posix()
+            for root, _, names in os.walk(folder, followlinks=True) for name in names}
 
 
 def _load_single_file(path: Path, spec: ModelSpec, options: dict):
@@ -276,8 +280,9 @@ def resolve_pipeline_snapshot(repo_id: str, dtype: torch.dtype, cache_dir: str |
         except LookupError as error:
             raise ModelUnavailableError(f"model {repo_id!r} on the Hugging Face hub has {error}") from None
 
-    cached = _PIPELINE_CONFIGS + _weight_patterns(None) + _weight_patterns(FP16)
-    return resolve_hub_snapshot(repo_id, cached, cache_dir, usable=usable, wanted=wanted)
+    # the cache is asked for the configs only: huggingface_hub refuses a cached snapshot that lacks a file it knows
+    # the repository has and the patterns match, and one weight set there is all it takes (usable() checks that)
+    return resolve_hub_snapshot(repo_id, _PIPELINE_CONFIGS, cache_dir, usable=usable, wanted=wanted)
 
 
 def hub_offline() -> bool:

@@ -212,13 +212,25 @@ def test_a_folder_and_a_cached_hub_model_load_the_weight_set_their_dtype_wants(t
     as_fp16 = load_components(ModelSpec(model=str(folder), vae="full", device="cpu", dtype="float16"))
     assert as_fp16.unet.dtype == torch.float16 and _same_weights(other, as_fp16)
     assert _same_weights(full, load_components(ModelSpec(model=str(folder), vae="full", device="cpu")))
+    linked = tmp_path / "linked"  # a folder put together from symlinked component folders
+    linked.mkdir()
+    for part in folder.iterdir():
+        (linked / part.name).symlink_to(part)
+    assert _same_weights(full, load_components(ModelSpec(model=str(linked), vae="full", device="cpu")))
 
-    # a hub model in the cache (as `hf download` leaves it), offline: the fp16 set alone serves fp32 as well
-    snapshot = tmp_path / "hub" / "models--someone--small-pipe" / "snapshots" / ("0" * 40)
+    # a hub model in the cache, as a download of its fp16 set leaves it: with huggingface_hub's listing of every
+    # file the repository has (the full set too), which makes it refuse a cached snapshot lacking one it is asked
+    # for; offline, the fp16 set alone serves fp32 as well
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    repo, commit = tmp_path / "hub" / "models--someone--small-pipe", "0" * 40
+    snapshot = repo / "snapshots" / commit
     shutil.copytree(folder, snapshot, ignore=lambda _, names: [n for n in names if n in (
         "diffusion_pytorch_model.safetensors", "model.safetensors")])
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    listed = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    write_tree_cache(str(repo), commit, {name: TreeCacheEntry(size=1, blob_id="0" * 40) for name in listed})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = ModelSpec(model="someone/small-pipe", vae="full", device="cpu", cache_dir=str(tmp_path / "hub"))
     assert _same_weights(other, load_components(spec))
