@@ -406,6 +406,12 @@ async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) 
         await lockstep(doomed, frames(2, seed=5))  # UNet calls 1 and 2
         doomed.submit(frames(1, seed=7)[0], pts=2)  # call 3 hangs
         started = time.monotonic()
+        # a round running a tenth of the limit: new sessions go to replica 1 although replica 0 is as loaded
+        await wait_until(lambda: engine.links[0].stalled, HANG_S - 2, "replica 0's round reported as stalled")
+        assert [r["stalled"] for r in engine.snapshot()["replicas"]] == [True, False]
+        early = await engine.open_session()
+        assert engine.snapshot()["replicas"][1]["sessions"] == sorted([survivor.id, early.id])
+        early.close()
         await lockstep(survivor, frames(2, seed=6))  # meanwhile replica 1 serves on
         with pytest.raises(SessionClosedError, match="lost its device \\(cpu stopped answering: a round "
                                                      f"has run for [0-9]+ s \\(the limit is {HANG_S:.0f} s\\)"):

@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+import torch
 import torch.multiprocessing as mp
 from multiprocessing.process import BaseProcess
 
@@ -78,6 +79,13 @@ class ReplicaLink:
     def load(self) -> int:
         """Sessions held and being opened (balancing counts both)."""
         return len(self.sessions) + self.opening
+
+    @property
+    def stalled(self) -> bool:
+        """Whether its last stats show a round running for a tenth of the time that means its device hangs: a
+        GPU round takes milliseconds, so new sessions had better go elsewhere while it may be hanging."""
+        limit = self.config.hang_timeout_on(torch.device(self.device))
+        return limit is not None and self.stats.get("busy_for", 0.0) > limit / 10
 
     def wait_ready(self, progress: Progress) -> dict:
         """Block until the process has loaded its model; its ``info``. Raises :class:`ReplicaFailed`."""

@@ -304,6 +304,7 @@ class ReplicaServer:
     async def _report_stats(self) -> None:
         while True:
             snapshot = self.engine.snapshot()
+            snapshot["busy_for"] = self.engine.busy_for()  # the front sends new sessions elsewhere while it grows
             snapshot["sessions"] = {sid: {name: value for name, value in counters.items()
                                           if name in ("dropped", "processed", "skipped", "errors")}
                                     for sid, counters in self._by_front_id(snapshot["sessions"]).items()}

@@ -187,7 +187,7 @@ class ReplicaEngine:
         return {"index": link.index, "device": link.device, "pid": link.process.pid, "alive": link.alive,
                 "max_sessions": link.config.max_sessions, "sessions": sorted(link.sessions),
                 "unet_calls": link.stats.get("unet_calls", 0),
-                "worker_busy_fraction": link.stats.get("worker_busy_fraction", 0.0)}
+                "worker_busy_fraction": link.stats.get("worker_busy_fraction", 0.0), "stalled": link.stalled}
 
     def prometheus(self) -> bytes:
         """The aggregate metrics in Prometheus text format, for ``/metrics``."""
@@ -295,7 +295,8 @@ class ReplicaEngine:
         if not free:
             self.metrics.sessions_rejected += 1
             raise EngineBusyError(f"all {self.config.max_sessions} sessions are in use; try again later")
-        return min(free, key=lambda link: (link.load, link.index))
+        answering = [link for link in free if not link.stalled] or free  # a device that may hang: the last resort
+        return min(answering, key=lambda link: (link.load, link.index))
 
     async def _open_on(self, link: ReplicaLink, session: ReplicaSession, params: dict[str, Any]) -> None:
         future = asyncio.get_running_loop().create_future()
