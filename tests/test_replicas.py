@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import AsyncIterator
 
 import httpx
 import numpy as np
@@ -86,6 +88,19 @@ async def lockstep(session, pictures: list[np.ndarray]) -> list[np.ndarray]:
         if k >= len(STREAM.t_index_list) - 1:  # a frame leaves n-1 calls after it entered
             outputs.append(await asyncio.wait_for(session.next_output(), WAIT_S))
     return outputs
+
+
+@contextlib.asynccontextmanager
+async def started(engine: ReplicaEngine) -> AsyncIterator[list[int]]:
+    """``engine`` started (its processes' pids given), then closed; none of its processes or shared memory is left."""
+    await asyncio.wait_for(engine.start(), 120)
+    pids = [link.process.pid for link in engine.links]
+    try:
+        yield pids
+    finally:
+        await asyncio.wait_for(engine.aclose(), 30)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+    assert not our_blocks(pids)
 
 
 @pytest_asyncio.fixture(loop_scope="class", scope="class")
@@ -322,9 +337,7 @@ class TestTwoReplicas:
 async def test_a_killed_replica_ends_its_sessions_and_the_rest_serve_on(caplog) -> None:
     caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
     engine = ReplicaEngine(replica_config(), silence_s=4.0)
-    await asyncio.wait_for(engine.start(), 120)
-    pids = [link.process.pid for link in engine.links]
-    try:
+    async with started(engine) as pids:
         doomed, survivor = await engine.open_session(), await engine.open_session()
         assert engine.snapshot()["replicas"][0]["sessions"] == [doomed.id]
         await lockstep(doomed, frames(2, seed=5))
@@ -351,10 +364,6 @@ async def test_a_killed_replica_ends_its_sessions_and_the_rest_serve_on(caplog) 
         with pytest.raises(EngineBusyError, match="device processes died"):
             await engine.open_session()
         assert "every device process has died" in engine.trouble()  # /healthz says it
-    finally:
-        await asyncio.wait_for(engine.aclose(), 30)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
-    assert not our_blocks(pids)
 
 
 ILLEGAL_ACCESS = r"lost its device \(AcceleratorError: CUDA error: an illegal memory access was encountered\)"
@@ -366,9 +375,7 @@ async def test_a_replica_whose_device_fails_for_good_exits_and_the_rest_serve_on
     why, and new sessions go to replica 1."""
     caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
     engine = ReplicaEngine(replica_config(), fault=Fault(0, 3))
-    await asyncio.wait_for(engine.start(), 120)
-    pids = [link.process.pid for link in engine.links]
-    try:
+    async with started(engine) as pids:
         doomed, survivor = await engine.open_session(), await engine.open_session()
         assert engine.snapshot()["replicas"][0]["sessions"] == [doomed.id]
         await lockstep(doomed, frames(2, seed=5))  # UNet calls 1 and 2
@@ -386,10 +393,6 @@ async def test_a_replica_whose_device_fails_for_good_exits_and_the_rest_serve_on
         await lockstep(newcomer, frames(2, seed=8))
         await lockstep(survivor, frames(2, seed=9))
         assert not our_blocks([pids[0]]), "the lost replica's session left shared memory behind"
-    finally:
-        await asyncio.wait_for(engine.aclose(), 30)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
-    assert not our_blocks(pids)
 
 
 async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) -> None:
@@ -398,14 +401,12 @@ async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) 
     gives it away: it exits saying so, its session ends saying why, and new sessions go to replica 1."""
     caplog.set_level(logging.ERROR, logger="engine.parallel.replicas")
     engine = ReplicaEngine(replica_config(hang_timeout=HANG_S), fault=Fault(0, 3, hang=True))
-    await asyncio.wait_for(engine.start(), 120)
-    pids = [link.process.pid for link in engine.links]
-    try:
+    async with started(engine) as pids:
         doomed, survivor = await engine.open_session(), await engine.open_session()
         assert engine.snapshot()["replicas"][0]["sessions"] == [doomed.id]
         await lockstep(doomed, frames(2, seed=5))  # UNet calls 1 and 2
         doomed.submit(frames(1, seed=7)[0], pts=2)  # call 3 hangs
-        started = time.monotonic()
+        hung_at = time.monotonic()
         # a round running a tenth of the limit: new sessions go to replica 1 although replica 0 is as loaded
         await wait_until(lambda: engine.links[0].stalled, HANG_S - 2, "replica 0's round reported as stalled")
         assert [r["stalled"] for r in engine.snapshot()["replicas"]] == [True, False]
@@ -416,7 +417,7 @@ async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) 
         with pytest.raises(SessionClosedError, match="lost its device \\(cpu stopped answering: a round "
                                                      f"has run for [0-9]+ s \\(the limit is {HANG_S:.0f} s\\)"):
             await asyncio.wait_for(doomed.next_output(), WAIT_S)
-        assert time.monotonic() - started >= HANG_S - 1
+        assert time.monotonic() - hung_at >= HANG_S - 1
         engine.links[0].process.join(WAIT_S)
         assert engine.links[0].process.exitcode == 1
         assert engine.snapshot()["replicas"][0]["alive"] is False
@@ -424,29 +425,19 @@ async def test_a_replica_whose_device_hangs_exits_and_the_rest_serve_on(caplog) 
         assert engine.snapshot()["replicas"][1]["sessions"] == sorted([survivor.id, newcomer.id])
         await lockstep(newcomer, frames(2, seed=8))
         assert not our_blocks([pids[0]]), "the hung replica's session left shared memory behind"
-    finally:
-        await asyncio.wait_for(engine.aclose(), 30)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
-    assert not our_blocks(pids)
 
 
 async def test_a_replica_whose_device_fails_while_opening_a_session_exits() -> None:
     """Poisoned before any frame: the text encoder fails while a session opens on replica 0 (the least loaded).
     That open is refused saying why, the replica exits, and the next open goes to replica 1."""
     engine = ReplicaEngine(replica_config(), fault=Fault(0, 0))
-    await asyncio.wait_for(engine.start(), 120)
-    pids = [link.process.pid for link in engine.links]
-    try:
+    async with started(engine):
         with pytest.raises(EngineBusyError, match=ILLEGAL_ACCESS):
             await asyncio.wait_for(engine.open_session(prompt="a prompt no cache has seen"), WAIT_S)
         assert engine.snapshot()["replicas"][0]["alive"] is False
         session = await engine.open_session(prompt="a prompt no cache has seen")
         assert engine.snapshot()["replicas"][1]["sessions"] == [session.id]
         await lockstep(session, frames(2, seed=10))
-    finally:
-        await asyncio.wait_for(engine.aclose(), 30)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
-    assert not our_blocks(pids)
 
 
 async def test_loaded_but_never_started_replicas_stop_when_asked(caplog) -> None:

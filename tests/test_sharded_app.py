@@ -9,9 +9,11 @@ not change a pixel. The asynchronous schedule's fidelity is tests/test_sharded.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
+from typing import AsyncIterator
 
 import numpy as np
 import pytest
@@ -31,6 +33,27 @@ ALL_SYNC = 10**6  # warm-up calls: longer than any test, so every call is synchr
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@contextlib.asynccontextmanager
+async def started(engine: ShardedEngine) -> AsyncIterator[list[int]]:
+    """``engine`` started (its ranks' pids given), then closed; none of its ranks is left."""
+    await asyncio.wait_for(engine.start(), 120)
+    pids = list(engine.stream.pids)
+    try:
+        yield pids
+    finally:
+        await asyncio.wait_for(engine.aclose(), 60)
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
+
+
+async def offer_until_closed(session, frames_at_most: int) -> None:
+    """Keep offering frames, as a camera does, until the session is closed (or ``frames_at_most`` were offered)."""
+    for k in range(frames_at_most):
+        if session.closed:
+            return
+        session.submit(frames(1, seed=k)[0])
+        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture(loop_scope="class", scope="class")
@@ -169,64 +192,41 @@ class TestOneStreamShardedOverTwoRanks:
 
 async def test_a_killed_rank_ends_the_session_and_new_ones_hear_why() -> None:
     engine = ShardedEngine(replica_config())
-    await asyncio.wait_for(engine.start(), 120)
-    pids = list(engine.stream.pids)
-    try:
+    async with started(engine) as pids:
         session = await engine.open_session()
         await lockstep(session, frames(3))
         os.kill(pids[1], signal.SIGKILL)
-        for k in range(200):  # keep offering frames, as a camera does
-            if session.closed:
-                break
-            session.submit(frames(1, seed=k)[0])
-            await asyncio.sleep(0.05)
+        await offer_until_closed(session, 200)
         with pytest.raises(SessionClosedError, match="rank 1"):
             await asyncio.wait_for(session.next_output(), 5)
         with pytest.raises(EngineBusyError, match="restart diffcam"):
             await engine.open_session()
-    finally:
-        await asyncio.wait_for(engine.aclose(), 60)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 
 
 async def test_a_rank_that_hangs_ends_the_session_after_the_hang_timeout() -> None:
     # a GPU that hangs raises nothing, and the rank's process lives on: only the call that never ends tells
     engine = ShardedEngine(replica_config(hang_timeout=5.0))
-    await asyncio.wait_for(engine.start(), 120)
-    pids = list(engine.stream.pids)
-    try:
+    async with started(engine) as pids:
         session = await engine.open_session()
         await lockstep(session, frames(3))
         os.kill(pids[1], signal.SIGSTOP)
         stopped = asyncio.get_running_loop().time()
-        for k in range(400):  # keep offering frames, as a camera does
-            if session.closed:
-                break
-            session.submit(frames(1, seed=k)[0])
-            await asyncio.sleep(0.05)
+        await offer_until_closed(session, 400)
         assert session.closed and asyncio.get_running_loop().time() - stopped < 15, "the ranks are killed at once"
         with pytest.raises(SessionClosedError, match="from the ranks within 5 s"):
             await asyncio.wait_for(session.next_output(), 5)
         assert "within 5 s" in engine.trouble()  # /healthz says it
-    finally:
-        await asyncio.wait_for(engine.aclose(), 60)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 
 
 async def test_a_rank_that_dies_between_sessions_is_reported_within_seconds(caplog) -> None:
     engine = ShardedEngine(replica_config())
-    await asyncio.wait_for(engine.start(), 120)
-    pids = list(engine.stream.pids)
-    try:
+    async with started(engine) as pids:
         os.kill(pids[0], signal.SIGKILL)  # nobody is streaming
         await wait_until(lambda: engine.snapshot()["failure"], 15, "the dead rank reported")
         assert "rank 0" in engine.snapshot()["failure"] and "rank 0" in engine.trouble()  # /healthz says it
         assert any("restart diffcam" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
         with pytest.raises(EngineBusyError, match="rank 0"):
             await engine.open_session()
-    finally:
-        await asyncio.wait_for(engine.aclose(), 60)
-    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
 
 
 async def test_the_app_serves_one_peer_from_the_sharded_stream_and_tells_the_next_it_is_busy() -> None:
