@@ -125,41 +125,41 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype):
 
 def pipeline_weights(variant: str | None) -> list[str]:
     """The weight files of a diffusers SD pipeline, full precision (``None``) or its ``variant``, one per component
-    (a component saved in shards has an index file instead: :func:`_weight_patterns`)."""
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    return [f"{folder}/{stem}{suffix}" for folder, stem in _PIPELINE_WEIGHTS.items()]
+    (a component saved in shards has an index file instead: :func:`_weight_names`)."""
+    return [single for _, single, _ in _weight_names(variant)]
 
 
-def _weight_index(single: str, variant: str | None) -> str:
-    """The index file of a component saved in shards instead of ``single`` (diffusers' and transformers' names)."""
-    folder, name = single.split("/")
-    stem = name.split(".")[0]
-    return f"{folder}/{stem}.safetensors.index{f'.{variant}' if variant else ''}.json"
+def _weight_names(variant: str | None) -> list[tuple[str, str, str]]:
+    """Per component of a weight set: its folder, its one weight file, and the index file it has instead when saved
+    in shards (diffusers' and transformers' names alike)."""
+    tag = f".{variant}" if variant else ""
+    return [(folder, f"{folder}/{stem}{tag}.safetensors", f"{folder}/{stem}.safetensors.index{tag}.json")
+            for folder, stem in _PIPELINE_WEIGHTS.items()]
 
 
 def _weight_patterns(variant: str | None) -> list[str]:
-    """What to download of one weight set: each component's file, or its index and shards."""
+    """What to download of one weight set: each component's file, or its index and shards (for a variant, in the
+    older naming too: name-00001-of-00002.fp16.safetensors)."""
+    tag = f".{variant}" if variant else ""
     patterns = []
-    for single in pipeline_weights(variant):
-        shards = single.removesuffix(".safetensors") + "-*-of-*.safetensors"
-        patterns += [single, _weight_index(single, variant), shards]
-        if variant:  # the older naming of a variant's shards: name-00001-of-00002.fp16.safetensors
-            patterns.append(single.removesuffix(f".{variant}.safetensors") + f"-*-of-*.{variant}.safetensors")
+    for (folder, stem), (_, single, index) in zip(_PIPELINE_WEIGHTS.items(), _weight_names(variant)):
+        patterns += [single, index, f"{folder}/{stem}{tag}-*-of-*.safetensors"]
+        if variant:
+            patterns.append(f"{folder}/{stem}-*-of-*{tag}.safetensors")
     return patterns
 
 
 def _has_weights(files: Collection[str], variant: str | None, folder: Path | None) -> bool:
     """Whether ``files`` hold every component of the set ``variant``; a sharded one's shards too where the
     ``folder`` is there to read its index from."""
-    for single in pipeline_weights(variant):
-        index = _weight_index(single, variant)
+    for component, single, index in _weight_names(variant):
         if single in files:
             continue
         if index not in files:
             return False
         if folder is not None:
             shards = set(json.loads((folder / index).read_text("utf-8")).get("weight_map", {}).values())
-            if not all(f"{single.split('/')[0]}/{shard}" in files for shard in shards):
+            if not all(f"{component}/{shard}" in files for shard in shards):
                 return False
     return True
 

@@ -282,11 +282,16 @@
     const body = response && response.ok ? await response.json().catch(() => null) : null;
     // 403: listing is not allowed here; 404 (or not JSON): a server without it
     if (response && (!response.ok ? [403, 404].includes(response.status) : !Array.isArray(body?.streams))) {
-      state.unlisted = true;
-      clearInterval(state.poller);
-      if ($("diffcam-streams")) $("diffcam-streams").hidden = true;
+      unlist();
     }
     if (Array.isArray(body?.streams)) showStreams(body.streams);
+  }
+
+  /** This server lists no streams (to this page): stop asking, and hide the Stream picker. */
+  function unlist() {
+    state.unlisted = true;
+    clearInterval(state.poller);
+    if ($("diffcam-streams")) $("diffcam-streams").hidden = true;
   }
 
   function showStreams(streams) {
@@ -444,11 +449,7 @@
       navigator.mediaDevices.addEventListener?.("devicechange", () => listCameras().catch(() => {}));
     }
     clientConfig().then((config) => {
-      if (config.streams_listed === false) {
-        state.unlisted = true;
-        if ($("diffcam-streams")) $("diffcam-streams").hidden = true;
-        return;
-      }
+      if (config.streams_listed === false) { unlist(); return; }
       pollStreams();
       state.poller = setInterval(pollStreams, POLL_MS);
     });
